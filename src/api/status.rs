@@ -1,0 +1,141 @@
+//! The observed state of an `IntegrationCluster`, written only by the operator.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// What the operator observed and did.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IntegrationClusterStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// One-word summary: Pending, Invalid, Progressing, Ready, Degraded, Stalled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    /// Validated, Ready, Progressing, Degraded, ConfigDrift, Stalled.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+    /// The cluster name the servers use, after the seed's normalisation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_name: Option<String>,
+    /// Digest of the rendered configuration every node must run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    /// Digest of the package set every node must run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages_digest: Option<String>,
+    /// Nodes that are Ready.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_replicas: Option<i32>,
+    /// Nodes that are online (receiving client traffic).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub online_replicas: Option<i32>,
+    /// Per-node state.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub nodes: Vec<NodeStatus>,
+    /// Per-listener holder.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub listeners: Vec<ListenerStatus>,
+    /// The distributed cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<CacheStatus>,
+    /// The shared database.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<DatabaseStatus>,
+}
+
+/// One-word summary of the cluster.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    Pending,
+    Invalid,
+    Progressing,
+    Ready,
+    Degraded,
+    Stalled,
+}
+
+/// The state of one node.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeStatus {
+    /// Node (and pod) name, <cluster>-<ordinal>.
+    pub name: String,
+    /// Workflow state of the node.
+    pub state: NodeState,
+    /// Whether the server pod is Ready.
+    #[serde(default)]
+    pub ready: bool,
+    /// Configuration digest the node runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+    /// Packages digest the node runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub packages_digest: Option<String>,
+    /// Unique scheduler logical host name of the node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logical_hostname: Option<String>,
+    /// When the node entered its state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+    /// Why the node is in its state, or what it waits for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Workflow state of a node.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NodeState {
+    Pending,
+    Online,
+    Draining,
+    Offline,
+    Removing,
+    Removed,
+}
+
+/// Who holds a single-node listener.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ListenerStatus {
+    /// Listener name.
+    pub name: String,
+    /// Node holding the listener's Lease.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holder: Option<String>,
+    /// Hand-overs so far (the fencing epoch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub transitions: Option<i32>,
+    /// Last renewal by the holder.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub renew_time: Option<Time>,
+}
+
+/// The distributed cache as observed.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CacheStatus {
+    /// Whether the cache accepts connections.
+    #[serde(default)]
+    pub ready: bool,
+    /// URLs the servers connect to.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+}
+
+/// The shared database as observed.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DatabaseStatus {
+    /// Whether roles, database and schemas are provisioned.
+    #[serde(default)]
+    pub ready: bool,
+    /// Latest applied migration version.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub schema_version: Option<i64>,
+}

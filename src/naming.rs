@@ -1,0 +1,132 @@
+//! Names derived from an `IntegrationCluster`: the cluster name the servers
+//! use, node names and scheduler logical host names.
+//!
+//! The cluster-name rules are Integration Server's own (clustering guide):
+//! periods become underscores, and a name longer than 32 characters becomes
+//! its first 20 characters followed by a hash. Every node must compute the
+//! same name, so this is a pure function of the spec.
+
+use sha2::{Digest, Sha256};
+
+/// Longest cluster name Integration Server keeps as given.
+pub const MAX_CLUSTER_NAME: usize = 32;
+/// Characters kept from a name that is too long.
+const KEPT_PREFIX: usize = 20;
+
+/// The cluster name every server uses, normalised as Integration Server
+/// normalises it. `requested` is `spec.clusterName`; without it the name is
+/// "<name>_<namespace>", so two clusters of the same name in different
+/// namespaces never share cache managers.
+pub fn cluster_name(requested: Option<&str>, name: &str, namespace: &str) -> String {
+    let raw = match requested {
+        Some(requested) => requested.to_owned(),
+        None => format!("{name}_{namespace}"),
+    };
+    normalise_cluster_name(&raw)
+}
+
+/// Periods become underscores; longer than 32 characters → the first 20
+/// characters plus the first 12 hex digits of the SHA-256 of the whole name
+/// (32 characters in all, and distinct names keep distinct results).
+pub fn normalise_cluster_name(raw: &str) -> String {
+    let name = raw.replace('.', "_");
+    if name.chars().count() <= MAX_CLUSTER_NAME {
+        return name;
+    }
+    let prefix: String = name.chars().take(KEPT_PREFIX).collect();
+    let digest = Sha256::digest(name.as_bytes());
+    let hash: String = digest
+        .iter()
+        .take((MAX_CLUSTER_NAME - KEPT_PREFIX) / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    format!("{prefix}{hash}")
+}
+
+/// The node (and pod) name of an ordinal.
+pub fn node_name(cluster: &str, ordinal: u32) -> String {
+    format!("{cluster}-{ordinal}")
+}
+
+/// The ordinal of a node name of this cluster, or `None` when the name does
+/// not belong to it.
+pub fn node_ordinal(cluster: &str, node: &str) -> Option<u32> {
+    let suffix = node.strip_prefix(cluster)?.strip_prefix('-')?;
+    if suffix.is_empty() || !suffix.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    // "01" would name the same pod as "1" only by accident of parsing.
+    if suffix.len() > 1 && suffix.starts_with('0') {
+        return None;
+    }
+    suffix.parse().ok()
+}
+
+/// The default scheduler logical host name of a node: unique within the
+/// cluster and free of ';' because the cluster name is.
+pub fn default_logical_hostname(cluster_name: &str, ordinal: u32) -> String {
+    format!("{cluster_name}-{ordinal}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_become_underscores() {
+        assert_eq!(normalise_cluster_name("orders.prod"), "orders_prod");
+    }
+
+    #[test]
+    fn names_up_to_32_characters_are_kept() {
+        let name = "a".repeat(32);
+        assert_eq!(normalise_cluster_name(&name), name);
+    }
+
+    #[test]
+    fn long_names_keep_20_characters_plus_a_hash() {
+        let long = "integration.cluster.for.orders.production";
+        let got = normalise_cluster_name(long);
+        assert_eq!(got.len(), 32);
+        assert!(got.starts_with("integration_cluster_"), "{got}");
+        assert!(got[20..].bytes().all(|b| b.is_ascii_hexdigit()), "{got}");
+        assert!(!got.contains('.'));
+    }
+
+    #[test]
+    fn long_names_with_the_same_prefix_stay_distinct() {
+        let a = normalise_cluster_name("integration_cluster_for_orders_eu_west");
+        let b = normalise_cluster_name("integration_cluster_for_orders_us_east");
+        assert_ne!(a, b);
+        assert_eq!(&a[..20], &b[..20]);
+    }
+
+    #[test]
+    fn normalisation_is_stable() {
+        let long = "x".repeat(50);
+        assert_eq!(normalise_cluster_name(&long), normalise_cluster_name(&long));
+    }
+
+    #[test]
+    fn default_cluster_name_includes_the_namespace() {
+        assert_eq!(cluster_name(None, "orders", "prod"), "orders_prod");
+        assert_eq!(cluster_name(Some("a.b"), "orders", "prod"), "a_b");
+    }
+
+    #[test]
+    fn node_names_round_trip() {
+        assert_eq!(node_name("orders", 3), "orders-3");
+        assert_eq!(node_ordinal("orders", "orders-3"), Some(3));
+        assert_eq!(node_ordinal("orders", "orders-12"), Some(12));
+    }
+
+    #[test]
+    fn foreign_or_malformed_node_names_have_no_ordinal() {
+        assert_eq!(node_ordinal("orders", "billing-1"), None);
+        assert_eq!(node_ordinal("orders", "orders-"), None);
+        assert_eq!(node_ordinal("orders", "orders-x"), None);
+        assert_eq!(node_ordinal("orders", "orders-01"), None);
+        assert_eq!(node_ordinal("orders", "orders1"), None);
+        assert_eq!(node_ordinal("orders", "orders-eu-1"), None);
+    }
+}
