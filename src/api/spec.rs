@@ -25,6 +25,7 @@ use super::status::IntegrationClusterStatus;
     plural = "integrationclusters",
     shortname = "ic",
     category = "integration",
+    doc = "An IntegrationCluster runs a cluster of identical integration servers with the cache and database they share.",
     namespaced,
     status = "IntegrationClusterStatus",
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profile"}"#,
@@ -34,24 +35,24 @@ use super::status::IntegrationClusterStatus;
     printcolumn = r#"{"name":"Ready","type":"integer","jsonPath":".status.readyReplicas"}"#,
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
-    validation = Rule::new("self.metadata.name.size() <= 40 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')").message("metadata.name: must be a DNS label of at most 40 characters starting with a letter, so that node, Service and Lease names derived from it stay valid"),
-    validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.offline.all(n, n.startsWith(self.metadata.name + '-') && n.substring(size(self.metadata.name) + 1).matches('^(0|[1-9][0-9]*)$'))").message("spec.nodes.offline: every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.offline"),
-    validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.remove.all(n, n.startsWith(self.metadata.name + '-') && n.substring(size(self.metadata.name) + 1).matches('^(0|[1-9][0-9]*)$'))").message("spec.nodes.remove: every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.remove"),
+    validation = Rule::new("self.metadata.name.size() <= 40 && !self.metadata.name.contains('.')").message("metadata.name must be at most 40 characters and contain no '.', so that node, Service and Lease names derived from it stay valid"),
+    validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.offline.all(n, n.substring(0, n.lastIndexOf('-')) == self.metadata.name)").message("every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.offline"),
+    validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.remove.all(n, n.substring(0, n.lastIndexOf('-')) == self.metadata.name)").message("every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.remove"),
 )]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.mode != 'stateless' || !has(self.cache) || self.cache.mode == 'none'").message("spec.cache: a stateless cluster has no distributed cache; remove spec.cache or set mode: stateful").field_path(".cache"),
-    validation = Rule::new("self.mode != 'stateless' || !self.server.sessionFailover").message("spec.server.sessionFailover: session failover needs the distributed cache of a stateful cluster").field_path(".server.sessionFailover"),
-    validation = Rule::new("self.mode != 'stateless' || has(self.database) || !has(self.listeners) || self.listeners.all(l, l.mode != 'multiNode')").message("spec.listeners: a multiNode listener in a stateless cluster needs spec.database for its exactly-once claim ledger").field_path(".listeners"),
-    validation = Rule::new("self.mode != 'stateful' || self.profile == 'wso2-carbon' || (has(self.cache) && self.cache.mode != 'none')").message("spec.cache: a stateful cluster needs a distributed cache (cache.mode managed or external)").field_path(".cache"),
-    validation = Rule::new("self.profile != 'wso2-carbon' || !has(self.cache) || self.cache.mode == 'none'").message("spec.cache: wso2-carbon clusters share state through Carbon's own Hazelcast membership; remove spec.cache").field_path(".cache"),
-    validation = Rule::new("self.rollout.maxUnavailable <= self.replicas").message("spec.rollout.maxUnavailable: cannot exceed spec.replicas").field_path(".rollout.maxUnavailable"),
-    validation = Rule::new("self.profile != 'webmethods-is' || !has(self.database) || !has(self.database.components) || self.database.components.all(c, c in ['ISInternal', 'ISCoreAudit', 'ISDashboardStats', 'DocumentHistory', 'Xref', 'ProcessEngine', 'ProcessAudit', 'Archiving', 'CentralUsers'])").message("spec.database.components: webmethods-is components are ISInternal, ISCoreAudit, ISDashboardStats, DocumentHistory, Xref, ProcessEngine, ProcessAudit, Archiving, CentralUsers").field_path(".database.components"),
+    validation = Rule::new("self.mode != 'stateless' || !has(self.cache) || self.cache.mode == 'none'").message("a stateless cluster has no distributed cache; remove spec.cache or set mode: stateful").field_path(".cache"),
+    validation = Rule::new("self.mode != 'stateless' || !self.server.sessionFailover").message("session failover needs the distributed cache of a stateful cluster").field_path(".server.sessionFailover"),
+    validation = Rule::new("self.mode != 'stateless' || has(self.database) || !has(self.listeners) || self.listeners.all(l, l.mode != 'multiNode')").message("a multiNode listener in a stateless cluster needs spec.database for its exactly-once claim ledger").field_path(".listeners"),
+    validation = Rule::new("self.mode != 'stateful' || self.profile == 'wso2-carbon' || (has(self.cache) && self.cache.mode != 'none')").message("a stateful cluster needs a distributed cache (cache.mode managed or external)").field_path(".cache"),
+    validation = Rule::new("self.profile != 'wso2-carbon' || !has(self.cache) || self.cache.mode == 'none'").message("wso2-carbon clusters share state through Carbon's own Hazelcast membership; remove spec.cache").field_path(".cache"),
+    validation = Rule::new("self.rollout.maxUnavailable <= self.replicas").message("cannot exceed spec.replicas").field_path(".rollout.maxUnavailable"),
+    validation = Rule::new("self.profile != 'webmethods-is' || !has(self.database) || !has(self.database.components) || self.database.components.all(c, c in ['ISInternal', 'ISCoreAudit', 'ISDashboardStats', 'DocumentHistory', 'Xref', 'ProcessEngine', 'ProcessAudit', 'Archiving', 'CentralUsers'])").message("webmethods-is components are ISInternal, ISCoreAudit, ISDashboardStats, DocumentHistory, Xref, ProcessEngine, ProcessAudit, Archiving, CentralUsers").field_path(".database.components"),
 )]
 pub struct IntegrationClusterSpec {
     /// Which product this cluster runs; selects the rendered configuration,
     /// ports, probes and admin hooks. Immutable.
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.profile is immutable: create a new IntegrationCluster to change products"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("the profile cannot change after creation: create a new IntegrationCluster to change products"))]
     pub profile: Profile,
 
     /// Stateful clusters share session state in a distributed cache
@@ -59,7 +60,7 @@ pub struct IntegrationClusterSpec {
     /// cache and lose failover, CSRF guard, OpenID Connect and "all nodes"
     /// scheduled jobs. Immutable.
     #[serde(default)]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.mode is immutable: stateful and stateless clusters keep different shared state"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("the mode cannot change after creation: stateful and stateless clusters keep different shared state"))]
     pub mode: Mode,
 
     /// Cluster name the servers use to find each other in the cache. Defaults
@@ -68,7 +69,7 @@ pub struct IntegrationClusterSpec {
     /// Integration Server does. Immutable: a new name starts a new cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
-    #[x_kube(validation = Rule::new("self == oldSelf").message("spec.clusterName is immutable: servers with a new name would form a new, empty cluster"))]
+    #[x_kube(validation = Rule::new("self == oldSelf").message("the cluster name cannot change after creation: servers with a new name would form a new, empty cluster"))]
     pub cluster_name: Option<String>,
 
     /// Number of server nodes.
@@ -177,7 +178,7 @@ pub enum DeletionPolicy {
 /// Server settings shared by every node.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.ports.primary != self.ports.diagnostic").message("spec.server.ports: primary and diagnostic ports must differ").field_path(".ports"))]
+#[x_kube(validation = Rule::new("self.ports.primary != self.ports.diagnostic").message("primary and diagnostic ports must differ").field_path(".ports"))]
 pub struct ServerSpec {
     /// Product version the image carries, e.g. "10.15"; shown in status and
     /// part of the configuration digest.
@@ -211,8 +212,8 @@ pub struct ServerSpec {
     /// watt.server.scheduler.logical.hostname), keyed by node name. Nodes not
     /// listed get "<clusterName>-<ordinal>". Must be unique and contain no ';'.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    #[schemars(extend("maxProperties" = 64))]
-    #[x_kube(validation = Rule::new("self.all(k, !self[k].contains(';') && self[k] != '')").message("spec.server.logicalHostnames: a logical host name must be non-empty and cannot contain ';'"))]
+    #[schemars(extend("maxProperties" = 64, "additionalProperties" = {"type": "string", "minLength": 1, "maxLength": 253}))]
+    #[x_kube(validation = Rule::new("self.all(k, !self[k].contains(';') && self[k] != '')").message("a logical host name must be non-empty and cannot contain ';'"))]
     pub logical_hostnames: BTreeMap<String, String>,
 
     /// ConfigMaps and Secrets whose keys are added to the server
@@ -275,7 +276,7 @@ fn default_diagnostic_port() -> i32 {
 /// A ConfigMap or Secret whose keys become server configuration.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("has(self.configMapRef) != has(self.secretRef)").message("spec.server.configFrom: set exactly one of configMapRef or secretRef"))]
+#[x_kube(validation = Rule::new("has(self.configMapRef) != has(self.secretRef)").message("set exactly one of configMapRef or secretRef"))]
 pub struct ConfigSource {
     /// A ConfigMap in the cluster's namespace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -325,7 +326,7 @@ pub struct PackageSpec {
 /// Exactly one source of a package archive.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("[has(self.image), has(self.url), has(self.configMap)].filter(x, x).size() == 1").message("spec.packages[].source: set exactly one of image, url or configMap"))]
+#[x_kube(validation = Rule::new("[has(self.image), has(self.url), has(self.configMap)].filter(x, x).size() == 1").message("set exactly one of image, url or configMap"))]
 pub struct PackageSource {
     /// A path inside an image: "<image>:<tag>//<path>".
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -355,9 +356,9 @@ pub struct ConfigMapKeyRef {
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.mode != 'external' || has(self.external)").message("spec.cache.external: required when cache.mode is external").field_path(".external"),
-    validation = Rule::new("self.mode == 'external' || !has(self.external)").message("spec.cache.external: only allowed when cache.mode is external").field_path(".external"),
-    validation = Rule::new("self.mode == 'managed' || !has(self.managed)").message("spec.cache.managed: only allowed when cache.mode is managed").field_path(".managed"),
+    validation = Rule::new("self.mode != 'external' || has(self.external)").message("required when cache.mode is external").field_path(".external"),
+    validation = Rule::new("self.mode == 'external' || !has(self.external)").message("only allowed when cache.mode is external").field_path(".external"),
+    validation = Rule::new("self.mode == 'managed' || !has(self.managed)").message("only allowed when cache.mode is managed").field_path(".managed"),
 )]
 pub struct CacheSpec {
     /// managed: the operator runs a Terracotta Server Array; external: the
@@ -434,9 +435,9 @@ pub struct CacheUrl(
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(
-    validation = Rule::new("self.mode != 'external' || has(self.external)").message("spec.database.external: required when database.mode is external").field_path(".external"),
-    validation = Rule::new("self.mode == 'external' || !has(self.external)").message("spec.database.external: only allowed when database.mode is external").field_path(".external"),
-    validation = Rule::new("self.mode == 'managed' || !has(self.managed)").message("spec.database.managed: only allowed when database.mode is managed").field_path(".managed"),
+    validation = Rule::new("self.mode != 'external' || has(self.external)").message("required when database.mode is external").field_path(".external"),
+    validation = Rule::new("self.mode == 'external' || !has(self.external)").message("only allowed when database.mode is external").field_path(".external"),
+    validation = Rule::new("self.mode == 'managed' || !has(self.managed)").message("only allowed when database.mode is managed").field_path(".managed"),
 )]
 pub struct DatabaseSpec {
     /// managed: the operator runs PostgreSQL; external: an existing server
@@ -490,7 +491,7 @@ pub struct ExternalDatabaseSpec {
 /// A listener coordinated across the cluster.
 #[derive(Serialize, Deserialize, KubeSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.leaseDurationSeconds > self.renewDeadlineSeconds && self.renewDeadlineSeconds > self.retryPeriodSeconds").message("spec.listeners[]: leaseDurationSeconds must be greater than renewDeadlineSeconds, which must be greater than retryPeriodSeconds"))]
+#[x_kube(validation = Rule::new("self.leaseDurationSeconds > self.renewDeadlineSeconds && self.renewDeadlineSeconds > self.retryPeriodSeconds").message("leaseDurationSeconds must be greater than renewDeadlineSeconds, which must be greater than retryPeriodSeconds"))]
 pub struct ListenerSpec {
     /// Listener name, unique in the cluster; names the Lease
     /// "<cluster>-listener-<name>".
@@ -546,13 +547,13 @@ pub struct NodesSpec {
     /// Nodes to keep offline: running, reachable on the admin Service, but
     /// getting no client traffic.
     #[serde(default)]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    #[schemars(length(max = 64), inner(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub offline: Vec<String>,
     /// Nodes to remove once their in-flight and guaranteed-delivery work has
     /// drained. Drop a node from this list to add it back (it returns offline).
     #[serde(default)]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 63)))]
+    #[schemars(length(max = 64), inner(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")))]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub remove: Vec<String>,
     /// Seconds a removal waits for work to drain before it stops with

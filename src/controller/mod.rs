@@ -159,7 +159,9 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
                 name: name.clone(),
                 source,
             })?;
-        info!(%namespace, %name, phase = ?desired.phase, "status updated");
+        if let Some(phase) = desired.phase {
+            info!(%namespace, %name, ?phase, "status updated");
+        }
     }
 
     if let Err(problems) = &validated

@@ -1,0 +1,213 @@
+//! Shared helpers for the integration tests. They run against the control
+//! plane that `hack/control-plane/up` starts (`make test` does it); nothing
+//! here is mocked.
+
+#![allow(dead_code)] // each test binary uses a different subset
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use integration_operator::api::IntegrationCluster;
+use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
+use kube::config::{KubeConfigOptions, Kubeconfig};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::{Client, Config, Resource};
+use serde_json::Value;
+
+pub const CRD_NAME: &str = "integrationclusters.integration.dev";
+
+/// Where `hack/control-plane/up` keeps its state.
+pub fn state_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("CONTROL_PLANE_DIR") {
+        return dir.into();
+    }
+    let uid = Command::new("id").arg("-u").output().expect("run id -u");
+    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
+    std::env::temp_dir().join(format!("integration-operator-{uid}"))
+}
+
+pub fn admin_kubeconfig() -> PathBuf {
+    let path = state_dir().join("kubeconfig");
+    assert!(
+        path.exists(),
+        "no control plane: {} is missing; start it with hack/control-plane/up (make test does)",
+        path.display()
+    );
+    path
+}
+
+pub fn operator_kubeconfig() -> PathBuf {
+    admin_kubeconfig().with_file_name("operator.kubeconfig")
+}
+
+pub async fn client_for(kubeconfig: &PathBuf) -> Client {
+    let kc = Kubeconfig::read_from(kubeconfig).expect("read kubeconfig");
+    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+        .await
+        .expect("kubeconfig is usable");
+    Client::try_from(config).expect("client")
+}
+
+/// An admin client, with the CRD and the operator's RBAC installed.
+pub async fn admin() -> Client {
+    let client = client_for(&admin_kubeconfig()).await;
+    install_crd(&client).await;
+    client
+}
+
+fn repo_path(relative: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(relative)
+}
+
+/// Applies crds/integrationcluster.yaml (the committed file, as a user
+/// would) and the operator's ClusterRole, bound to the test bed's operator
+/// user, then waits until the CRD is served.
+pub async fn install_crd(client: &Client) {
+    let text = std::fs::read_to_string(repo_path("crds/integrationcluster.yaml")).expect("read CRD file");
+    let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD file parses");
+    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
+    crds.patch(CRD_NAME, &PatchParams::apply("integration-operator-tests").force(), &Patch::Apply(&crd))
+        .await
+        .expect("apply CRD");
+    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", "manifests/rbac.yaml"]);
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "-f",
+        "tests/support/operator-user-binding.yaml",
+    ]);
+    wait_until(Duration::from_secs(30), "CRD established", || async {
+        let crd = crds.get(CRD_NAME).await.ok()?;
+        let established = crd
+            .status?
+            .conditions?
+            .iter()
+            .any(|c| c.type_ == "Established" && c.status == "True");
+        established.then_some(())
+    })
+    .await;
+    // Established can precede the endpoint being served for a moment.
+    let api: Api<IntegrationCluster> = Api::all(client.clone());
+    wait_until(Duration::from_secs(30), "IntegrationCluster endpoint served", || async {
+        api.list(&Default::default()).await.ok().map(|_| ())
+    })
+    .await;
+}
+
+/// Runs the control plane's kubectl with the admin kubeconfig; panics with
+/// its output when it fails.
+pub fn kubectl(args: &[&str]) -> String {
+    let output = kubectl_output(args);
+    assert!(
+        output.status.success(),
+        "kubectl {} failed: {}",
+        args.join(" "),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+pub fn kubectl_output(args: &[&str]) -> std::process::Output {
+    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
+    Command::new(&kubectl)
+        .args(args)
+        .env("KUBECONFIG", admin_kubeconfig())
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .unwrap_or_else(|e| panic!("run {kubectl}: {e}; make test puts the control plane's kubectl on PATH"))
+}
+
+/// A unique name: tests share one control plane and run in parallel.
+pub fn unique(prefix: &str) -> String {
+    static COUNTER: AtomicU32 = AtomicU32::new(0);
+    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    format!(
+        "{prefix}-{:x}{}",
+        nanos % 0xfffff,
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// A namespace of its own for one test.
+pub async fn namespace(client: &Client, prefix: &str) -> String {
+    let name = unique(prefix);
+    let api: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    api.create(&PostParams::default(), &ns).await.expect("create namespace");
+    name
+}
+
+pub async fn delete_namespace(client: &Client, name: &str) {
+    let api: Api<Namespace> = Api::all(client.clone());
+    let _ = api.delete(name, &DeleteParams::background()).await;
+}
+
+/// The IntegrationCluster resource for untyped requests: invalid specs
+/// cannot be built from the Rust types, but a user can still send them.
+pub fn ic_resource() -> ApiResource {
+    ApiResource::from_gvk(&GroupVersionKind::gvk(
+        &IntegrationCluster::group(&()),
+        &IntegrationCluster::version(&()),
+        &IntegrationCluster::kind(&()),
+    ))
+}
+
+pub fn dynamic_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
+    Api::namespaced_with(client.clone(), namespace, &ic_resource())
+}
+
+/// Creates an IntegrationCluster from YAML as a user would send it.
+pub async fn create_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<DynamicObject, kube::Error> {
+    let value: Value = serde_saphyr::from_str(yaml).expect("test YAML parses");
+    let obj: DynamicObject = serde_json::from_value(value).expect("object");
+    dynamic_api(client, namespace).create(&PostParams::default(), &obj).await
+}
+
+/// Polls `probe` until it returns `Some`, or panics after `timeout`.
+pub async fn wait_until<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = probe().await {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The operator binary, running as the test bed's RBAC-limited user and
+/// watching one namespace. Killed when dropped.
+pub struct Operator {
+    child: Child,
+}
+
+impl Operator {
+    pub fn start(namespace: &str) -> Self {
+        let log = std::fs::File::create(state_dir().join("logs").join(format!("operator-{namespace}.log")))
+            .expect("create operator log");
+        let child = Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+            .args(["run", "--namespace", namespace])
+            .env("KUBECONFIG", operator_kubeconfig())
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("start operator");
+        Self { child }
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
