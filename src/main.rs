@@ -38,16 +38,36 @@ enum Command {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run { namespace, log_format } => run(namespace, log_format).await,
+        Command::Run {
+            namespace,
+            log_format,
+        } => run(namespace, log_format).await,
         Command::Crd => print_crd(),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", one_line(&e));
             ExitCode::FAILURE
         }
     }
+}
+
+/// The error chain on one line. Many errors (kube's among them) already
+/// print their source, so a cause already contained in the text before it
+/// is left out instead of repeated.
+fn one_line(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain().map(ToString::to_string) {
+        if line.contains(&cause) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&cause);
+    }
+    line
 }
 
 fn print_crd() -> anyhow::Result<()> {

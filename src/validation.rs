@@ -86,7 +86,8 @@ pub fn validate(
     let mut problems = Vec::new();
 
     let ordinals = member_ordinals(cluster);
-    let is_member = |node: &str| naming::node_ordinal(name, node).is_some_and(|o| ordinals.contains(&o));
+    let is_member =
+        |node: &str| naming::node_ordinal(name, node).is_some_and(|o| ordinals.contains(&o));
     let member_list = || {
         ordinals
             .iter()
@@ -219,14 +220,16 @@ fn cluster_name_conflict(
                 other.metadata.namespace.as_deref().unwrap_or_default(),
             );
             let shared: Vec<&str> = urls.intersection(&other_urls).copied().collect();
-            (other_name == cluster_name && !shared.is_empty()).then(|| Problem::ClusterNameConflict {
-                cluster_name: cluster_name.to_owned(),
-                other: format!(
-                    "{}/{}",
-                    other.metadata.namespace.as_deref().unwrap_or_default(),
-                    other.metadata.name.as_deref().unwrap_or_default()
-                ),
-                urls: shared.join(","),
+            (other_name == cluster_name && !shared.is_empty()).then(|| {
+                Problem::ClusterNameConflict {
+                    cluster_name: cluster_name.to_owned(),
+                    other: format!(
+                        "{}/{}",
+                        other.metadata.namespace.as_deref().unwrap_or_default(),
+                        other.metadata.name.as_deref().unwrap_or_default()
+                    ),
+                    urls: shared.join(","),
+                }
             })
         })
 }
@@ -251,7 +254,11 @@ mod tests {
         let ic = cluster("orders", BASE);
         let v = validate(&ic, &[]).expect("valid");
         assert_eq!(v.cluster_name, "orders_prod");
-        let hosts: Vec<_> = v.members.iter().map(|m| m.logical_hostname.as_str()).collect();
+        let hosts: Vec<_> = v
+            .members
+            .iter()
+            .map(|m| m.logical_hostname.as_str())
+            .collect();
         assert_eq!(hosts, ["orders_prod-0", "orders_prod-1", "orders_prod-2"]);
     }
 
@@ -264,8 +271,16 @@ mod tests {
         let problems = validate(&ic, &[]).expect_err("unknown nodes");
         assert_eq!(problems.len(), 2, "{problems:?}");
         assert!(problems.iter().all(|p| p.reason() == "UnknownNode"));
-        assert!(problems[0].to_string().starts_with("spec.nodes.offline: orders-7"));
-        assert!(problems[1].to_string().starts_with("spec.nodes.remove: orders-9"));
+        assert!(
+            problems[0]
+                .to_string()
+                .starts_with("spec.nodes.offline: orders-7")
+        );
+        assert!(
+            problems[1]
+                .to_string()
+                .starts_with("spec.nodes.remove: orders-9")
+        );
     }
 
     #[test]
@@ -321,17 +336,26 @@ mod tests {
     #[test]
     fn the_newer_of_two_clusters_normalising_to_one_name_on_one_cache_is_refused() {
         let mut old = cluster("a", &format!("{BASE}clusterName: orders.prod\n"));
-        old.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(1).expect("timestamp"),
-        ));
+        old.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(1).expect("timestamp"),
+            ));
         let mut new = cluster("b", &format!("{BASE}clusterName: orders_prod\n"));
-        new.metadata.creation_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
-            k8s_openapi::jiff::Timestamp::from_second(2).expect("timestamp"),
-        ));
+        new.metadata.creation_timestamp =
+            Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                k8s_openapi::jiff::Timestamp::from_second(2).expect("timestamp"),
+            ));
         let problems = validate(&new, &[&old, &new]).expect_err("conflict");
         assert_eq!(problems[0].reason(), "ClusterNameConflict");
-        assert!(problems[0].to_string().contains("prod/a"), "{}", problems[0]);
-        assert!(validate(&old, &[&old, &new]).is_ok(), "the older cluster keeps its name");
+        assert!(
+            problems[0].to_string().contains("prod/a"),
+            "{}",
+            problems[0]
+        );
+        assert!(
+            validate(&old, &[&old, &new]).is_ok(),
+            "the older cluster keeps its name"
+        );
     }
 
     #[test]

@@ -7,15 +7,18 @@ mod support;
 use std::collections::BTreeMap;
 
 use integration_operator::api;
-use kube::core::Status;
 use kube::api::{Patch, PatchParams};
+use kube::core::Status;
 use support::*;
 
 #[test]
 fn committed_crd_matches_the_rust_types() {
     let generated = api::crd_yaml().expect("CRD serialises");
-    let committed = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/crds/integrationcluster.yaml"))
-        .expect("read crds/integrationcluster.yaml");
+    let committed = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/crds/integrationcluster.yaml"
+    ))
+    .expect("read crds/integrationcluster.yaml");
     assert!(
         generated == committed,
         "crds/integrationcluster.yaml is out of date: run `make crds` (cargo run -- crd > crds/integrationcluster.yaml)"
@@ -26,23 +29,47 @@ fn committed_crd_matches_the_rust_types() {
 async fn crd_installs_and_kubectl_explain_shows_field_docs() {
     let _client = admin().await;
     let cache = kubectl(&["explain", "ic.spec.cache"]);
-    assert!(cache.contains("The distributed cache of a stateful cluster"), "{cache}");
+    assert!(
+        cache.contains("The distributed cache of a stateful cluster"),
+        "{cache}"
+    );
     assert!(cache.contains("connectTimeoutSeconds"), "{cache}");
     let lease = kubectl(&["explain", "ic.spec.listeners.leaseDurationSeconds"]);
-    assert!(lease.contains("Seconds a Lease is valid without renewal"), "{lease}");
+    assert!(
+        lease.contains("Seconds a Lease is valid without renewal"),
+        "{lease}"
+    );
     let mode = kubectl(&["explain", "integrationcluster.spec.mode"]);
-    assert!(mode.contains("stateful") && mode.contains("stateless"), "{mode}");
+    assert!(
+        mode.contains("stateful") && mode.contains("stateless"),
+        "{mode}"
+    );
 }
 
 #[tokio::test]
 async fn printer_columns_show_profile_mode_and_phase() {
     let client = admin().await;
     let ns = namespace(&client, "columns").await;
-    create_yaml(&client, &ns, &cluster("orders", VALID)).await.expect("valid cluster");
+    create_yaml(&client, &ns, &cluster("orders", VALID))
+        .await
+        .expect("valid cluster");
     let table = kubectl(&["get", "ic", "-n", &ns]);
-    let header: Vec<&str> = table.lines().next().unwrap_or_default().split_whitespace().collect();
-    assert_eq!(header, ["NAME", "PROFILE", "MODE", "REPLICAS", "ONLINE", "READY", "PHASE", "AGE"]);
-    assert!(table.contains("webmethods-is") && table.contains("stateful"), "{table}");
+    let header: Vec<&str> = table
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        header,
+        [
+            "NAME", "PROFILE", "MODE", "REPLICAS", "ONLINE", "READY", "PHASE", "AGE"
+        ]
+    );
+    assert!(
+        table.contains("webmethods-is") && table.contains("stateful"),
+        "{table}"
+    );
     delete_namespace(&client, &ns).await;
 }
 
@@ -50,8 +77,15 @@ async fn printer_columns_show_profile_mode_and_phase() {
 async fn the_samples_are_accepted() {
     let client = admin().await;
     let ns = namespace(&client, "samples").await;
-    for sample in ["webmethods-is-stateful", "webmethods-is-stateless", "wso2-carbon"] {
-        let path = format!("{}/manifests/samples/{sample}.yaml", env!("CARGO_MANIFEST_DIR"));
+    for sample in [
+        "webmethods-is-stateful",
+        "webmethods-is-stateless",
+        "wso2-carbon",
+    ] {
+        let path = format!(
+            "{}/manifests/samples/{sample}.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let yaml = std::fs::read_to_string(&path).expect("read sample");
         if let Err(e) = create_yaml(&client, &ns, &yaml).await {
             panic!("{sample} refused: {e}");
@@ -70,7 +104,9 @@ cache: {mode: external, external: {urls: ['tsa-0.tsa:9510']}}
 
 fn cluster(name: &str, spec: &str) -> String {
     let spec = spec.trim().replace('\n', "\n  ");
-    format!("apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata:\n  name: {name}\nspec:\n  {spec}\n")
+    format!(
+        "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata:\n  name: {name}\nspec:\n  {spec}\n"
+    )
 }
 
 /// (what is wrong, spec, the field the refusal names, why)
@@ -177,7 +213,12 @@ const INVALID: &[(&str, &str, &str, &str)] = &[
         "spec.profile",
         "Unsupported value",
     ),
-    ("missing image", "profile: generic\nmode: stateless", "spec.image", "Required value"),
+    (
+        "missing image",
+        "profile: generic\nmode: stateless",
+        "spec.image",
+        "Required value",
+    ),
     (
         "package digest not sha256 hex",
         "profile: generic\nmode: stateless\nimage: s\npackages: [{name: WmKafkaAdapter, version: '9.6', source: {url: 'https://x/p.zip'}, sha256: abc}]",
@@ -241,14 +282,20 @@ async fn invalid_specs_are_refused_with_the_field_named() {
     let mut wrong = BTreeMap::new();
     for (n, (what, spec, field, why)) in INVALID.iter().enumerate() {
         let name = format!("case-{n}");
-        let spec = spec.replace("NAME", &name).replace("PKGSHA", &"0".repeat(64));
+        let spec = spec
+            .replace("NAME", &name)
+            .replace("PKGSHA", &"0".repeat(64));
         match create_yaml(&client, &ns, &cluster(&name, &spec)).await {
             Ok(_) => {
                 wrong.insert(*what, "accepted".to_owned());
             }
-            Err(kube::Error::Api(e)) if e.code == 422 && names_field(&e, field) && e.message.contains(why) => {}
+            Err(kube::Error::Api(e))
+                if e.code == 422 && names_field(&e, field) && e.message.contains(why) => {}
             Err(e) => {
-                wrong.insert(*what, format!("refused without naming {field} or saying {why:?}: {e}"));
+                wrong.insert(
+                    *what,
+                    format!("refused without naming {field} or saying {why:?}: {e}"),
+                );
             }
         }
     }
@@ -271,8 +318,14 @@ async fn a_name_too_long_for_derived_names_is_refused() {
     let client = admin().await;
     let ns = namespace(&client, "longname").await;
     let name = "a".repeat(41);
-    let err = create_yaml(&client, &ns, &cluster(&name, VALID)).await.expect_err("refused");
-    assert!(err.to_string().contains("metadata.name must be at most 40 characters"), "{err}");
+    let err = create_yaml(&client, &ns, &cluster(&name, VALID))
+        .await
+        .expect_err("refused");
+    assert!(
+        err.to_string()
+            .contains("metadata.name must be at most 40 characters"),
+        "{err}"
+    );
     delete_namespace(&client, &ns).await;
 }
 
@@ -280,9 +333,13 @@ async fn a_name_too_long_for_derived_names_is_refused() {
 async fn profile_mode_and_cluster_name_are_immutable() {
     let client = admin().await;
     let ns = namespace(&client, "immutable").await;
-    create_yaml(&client, &ns, &cluster("orders", &format!("{VALID}clusterName: orders\n")))
-        .await
-        .expect("valid cluster");
+    create_yaml(
+        &client,
+        &ns,
+        &cluster("orders", &format!("{VALID}clusterName: orders\n")),
+    )
+    .await
+    .expect("valid cluster");
     let api = dynamic_api(&client, &ns);
     for (change, expected) in [
         (

@@ -68,7 +68,10 @@ pub struct IntegrationClusterSpec {
     /// than 32 characters become their first 20 characters plus a hash, as
     /// Integration Server does. Immutable: a new name starts a new cache.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    )]
     #[x_kube(validation = Rule::new("self == oldSelf").message("the cluster name cannot change after creation: servers with a new name would form a new, empty cluster"))]
     pub cluster_name: Option<String>,
 
@@ -290,7 +293,10 @@ pub struct ConfigSource {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct LocalObjectRef {
     /// Object name.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
 }
 
@@ -298,7 +304,10 @@ pub struct LocalObjectRef {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct SecretKeyRef {
     /// Secret name.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key within the Secret.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
@@ -310,7 +319,10 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct PackageSpec {
     /// Package name as the server knows it, e.g. WmKafkaAdapter.
-    #[schemars(length(min = 1, max = 128), regex(pattern = r"^[A-Za-z][A-Za-z0-9_.-]*$"))]
+    #[schemars(
+        length(min = 1, max = 128),
+        regex(pattern = r"^[A-Za-z][A-Za-z0-9_.-]*$")
+    )]
     pub name: String,
     /// Package version, part of the packages digest.
     #[schemars(length(min = 1, max = 64))]
@@ -345,7 +357,10 @@ pub struct PackageSource {
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 pub struct ConfigMapKeyRef {
     /// ConfigMap name.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key within the ConfigMap.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
@@ -426,7 +441,9 @@ pub struct ExternalCacheSpec {
 pub struct CacheUrl(
     #[schemars(
         length(min = 3, max = 261),
-        regex(pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$")
+        regex(
+            pattern = r"^[A-Za-z0-9]([-A-Za-z0-9.]*[A-Za-z0-9])?:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$"
+        )
     )]
     pub String,
 );
@@ -452,7 +469,10 @@ pub struct DatabaseSpec {
     /// Components that get a schema each (for webMethods IS the JDBC
     /// functions: ISInternal, ISCoreAudit, DocumentHistory, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 16), inner(length(min = 1, max = 48), regex(pattern = r"^[A-Za-z][A-Za-z0-9_]*$")))]
+    #[schemars(
+        length(max = 16),
+        inner(length(min = 1, max = 48), regex(pattern = r"^[A-Za-z][A-Za-z0-9_]*$"))
+    )]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub components: Vec<String>,
 }
@@ -495,7 +515,10 @@ pub struct ExternalDatabaseSpec {
 pub struct ListenerSpec {
     /// Listener name, unique in the cluster; names the Lease
     /// "<cluster>-listener-<name>".
-    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 63),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// singleNode: exactly one node listens at a time, chosen by a Lease;
     /// multiNode: every online node listens and each message is processed once.
@@ -547,13 +570,25 @@ pub struct NodesSpec {
     /// Nodes to keep offline: running, reachable on the admin Service, but
     /// getting no client traffic.
     #[serde(default)]
-    #[schemars(length(max = 64), inner(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")))]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 3, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")
+        )
+    )]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub offline: Vec<String>,
     /// Nodes to remove once their in-flight and guaranteed-delivery work has
     /// drained. Drop a node from this list to add it back (it returns offline).
     #[serde(default)]
-    #[schemars(length(max = 64), inner(length(min = 3, max = 63), regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")))]
+    #[schemars(
+        length(max = 64),
+        inner(
+            length(min = 3, max = 63),
+            regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?-(0|[1-9][0-9]*)$")
+        )
+    )]
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub remove: Vec<String>,
     /// Seconds a removal waits for work to drain before it stops with

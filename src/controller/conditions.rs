@@ -15,7 +15,12 @@ pub struct Desired {
 }
 
 impl Desired {
-    pub fn new(type_: &'static str, status: bool, reason: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: impl Into<String>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
             type_,
             status,
@@ -28,7 +33,12 @@ impl Desired {
 /// Merges `desired` into `current`: conditions of other types are kept,
 /// `lastTransitionTime` moves only when the status flips, and
 /// `observedGeneration` records the generation the decision was made for.
-pub fn merge(current: &[Condition], desired: &[Desired], generation: Option<i64>, now: Timestamp) -> Vec<Condition> {
+pub fn merge(
+    current: &[Condition],
+    desired: &[Desired],
+    generation: Option<i64>,
+    now: Timestamp,
+) -> Vec<Condition> {
     let mut merged: Vec<Condition> = current
         .iter()
         .filter(|c| !desired.iter().any(|d| d.type_ == c.type_))
@@ -69,7 +79,12 @@ mod tests {
 
     #[test]
     fn a_new_condition_gets_the_current_time() {
-        let merged = merge(&[], &[Desired::new("Validated", true, "Valid", "ok")], Some(1), at(10));
+        let merged = merge(
+            &[],
+            &[Desired::new("Validated", true, "Valid", "ok")],
+            Some(1),
+            at(10),
+        );
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].status, "True");
         assert_eq!(merged[0].last_transition_time, Time(at(10)));
@@ -78,8 +93,18 @@ mod tests {
 
     #[test]
     fn an_unchanged_status_keeps_its_transition_time() {
-        let first = merge(&[], &[Desired::new("Validated", true, "Valid", "ok")], Some(1), at(10));
-        let second = merge(&first, &[Desired::new("Validated", true, "Valid", "still ok")], Some(2), at(20));
+        let first = merge(
+            &[],
+            &[Desired::new("Validated", true, "Valid", "ok")],
+            Some(1),
+            at(10),
+        );
+        let second = merge(
+            &first,
+            &[Desired::new("Validated", true, "Valid", "still ok")],
+            Some(2),
+            at(20),
+        );
         assert_eq!(second[0].last_transition_time, Time(at(10)));
         assert_eq!(second[0].message, "still ok");
         assert_eq!(second[0].observed_generation, Some(2));
@@ -87,18 +112,46 @@ mod tests {
 
     #[test]
     fn a_flip_moves_the_transition_time() {
-        let first = merge(&[], &[Desired::new("Validated", true, "Valid", "ok")], Some(1), at(10));
-        let second = merge(&first, &[Desired::new("Validated", false, "UnknownNode", "x")], Some(2), at(20));
+        let first = merge(
+            &[],
+            &[Desired::new("Validated", true, "Valid", "ok")],
+            Some(1),
+            at(10),
+        );
+        let second = merge(
+            &first,
+            &[Desired::new("Validated", false, "UnknownNode", "x")],
+            Some(2),
+            at(20),
+        );
         assert_eq!(second[0].last_transition_time, Time(at(20)));
         assert_eq!(second[0].reason, "UnknownNode");
     }
 
     #[test]
     fn other_conditions_are_kept_and_order_is_stable() {
-        let first = merge(&[], &[Desired::new("Ready", false, "Pending", "")], Some(1), at(10));
-        let second = merge(&first, &[Desired::new("Validated", true, "Valid", "ok")], Some(1), at(20));
+        let first = merge(
+            &[],
+            &[Desired::new("Ready", false, "Pending", "")],
+            Some(1),
+            at(10),
+        );
+        let second = merge(
+            &first,
+            &[Desired::new("Validated", true, "Valid", "ok")],
+            Some(1),
+            at(20),
+        );
         let types: Vec<_> = second.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Validated"]);
-        assert_eq!(merge(&second, &[Desired::new("Validated", true, "Valid", "ok")], Some(1), at(30)), second);
+        assert_eq!(
+            merge(
+                &second,
+                &[Desired::new("Validated", true, "Valid", "ok")],
+                Some(1),
+                at(30)
+            ),
+            second
+        );
     }
 }

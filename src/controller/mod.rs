@@ -74,13 +74,17 @@ pub enum Scope {
 /// Why the operator cannot start, in words that say what to do.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
-    #[error("cannot reach the Kubernetes API server: {0}; check KUBECONFIG and that the cluster is running")]
+    #[error(
+        "cannot reach the Kubernetes API server: {0}; check KUBECONFIG and that the cluster is running"
+    )]
     Unreachable(#[source] kube::Error),
     #[error(
         "the IntegrationCluster CRD is not installed: run `integration-operator crd | kubectl apply --server-side -f -`"
     )]
     CrdMissing,
-    #[error("the operator may not list IntegrationClusters: {0}; apply manifests/operator.yaml for its RBAC")]
+    #[error(
+        "the operator may not list IntegrationClusters: {0}; apply manifests/operator.yaml for its RBAC"
+    )]
     Forbidden(#[source] kube::Error),
     #[error("listing IntegrationClusters failed: {0}")]
     List(#[source] kube::Error),
@@ -89,7 +93,10 @@ pub enum StartError {
 /// Checks that the API server answers and serves the CRD, so a broken setup
 /// fails at once with one clear line instead of a retry loop in the logs.
 pub async fn preflight(client: &Client, scope: &Scope) -> Result<(), StartError> {
-    client.apiserver_version().await.map_err(StartError::Unreachable)?;
+    client
+        .apiserver_version()
+        .await
+        .map_err(StartError::Unreachable)?;
     let api = api_for(client.clone(), scope);
     match api.list(&ListParams::default().limit(1)).await {
         Ok(_) => Ok(()),
@@ -134,7 +141,9 @@ pub async fn run(client: Client, scope: Scope) {
 
 async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = ic.name_any();
-    let namespace = ic.namespace().ok_or_else(|| Error::NotNamespaced(name.clone()))?;
+    let namespace = ic
+        .namespace()
+        .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
 
     // observe
     let everyone = ctx.store.state();
@@ -153,12 +162,16 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
             "kind": IntegrationCluster::kind(&()),
             "status": desired,
         });
-        api.patch_status(&name, &PatchParams::apply(FIELD_MANAGER).force(), &Patch::Apply(&patch))
-            .await
-            .map_err(|source| Error::WriteStatus {
-                name: name.clone(),
-                source,
-            })?;
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Error::WriteStatus {
+            name: name.clone(),
+            source,
+        })?;
         if let Some(phase) = desired.phase {
             info!(%namespace, %name, ?phase, "status updated");
         }
@@ -175,11 +188,19 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
 
 /// A person looking at `kubectl describe` should see why the operator does
 /// nothing; published once per new verdict, not on every reconcile.
-async fn publish_rejection(ctx: &Context, ic: &IntegrationCluster, problems: &[validation::Problem]) {
+async fn publish_rejection(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    problems: &[validation::Problem],
+) {
     let Some(first) = problems.first() else {
         return;
     };
-    let note = problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; ");
+    let note = problems
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ");
     let event = Event {
         type_: EventType::Warning,
         reason: first.reason().to_owned(),

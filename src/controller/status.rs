@@ -19,12 +19,21 @@ pub fn desired(
 ) -> IntegrationClusterStatus {
     let current = ic.status.clone().unwrap_or_default();
     let verdict = match validated {
-        Ok(_) => Desired::new(condition::VALIDATED, true, VALID, "the spec passed all checks"),
+        Ok(_) => Desired::new(
+            condition::VALIDATED,
+            true,
+            VALID,
+            "the spec passed all checks",
+        ),
         Err(problems) => Desired::new(
             condition::VALIDATED,
             false,
             problems.first().map_or("Invalid", Problem::reason),
-            problems.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "),
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; "),
         ),
     };
     let phase = match (validated, current.phase) {
@@ -45,13 +54,18 @@ pub fn desired(
 }
 
 /// Whether `desired` carries a rejection `current` did not already report.
-pub fn newly_invalid(current: &IntegrationClusterStatus, desired: &IntegrationClusterStatus) -> bool {
+pub fn newly_invalid(
+    current: &IntegrationClusterStatus,
+    desired: &IntegrationClusterStatus,
+) -> bool {
     let before = conditions::find(&current.conditions, condition::VALIDATED);
     let after = conditions::find(&desired.conditions, condition::VALIDATED);
     match (before, after) {
         (_, None) => false,
         (None, Some(a)) => a.status == "False",
-        (Some(b), Some(a)) => a.status == "False" && (b.status != "False" || b.message != a.message),
+        (Some(b), Some(a)) => {
+            a.status == "False" && (b.status != "False" || b.message != a.message)
+        }
     }
 }
 
@@ -61,7 +75,8 @@ mod tests {
     use crate::validation;
 
     fn cluster(yaml: &str) -> IntegrationCluster {
-        let mut ic = IntegrationCluster::new("orders", serde_saphyr::from_str(yaml).expect("spec parses"));
+        let mut ic =
+            IntegrationCluster::new("orders", serde_saphyr::from_str(yaml).expect("spec parses"));
         ic.metadata.namespace = Some("prod".into());
         ic.metadata.generation = Some(4);
         ic
@@ -71,7 +86,8 @@ mod tests {
         Timestamp::from_second(second).expect("valid timestamp")
     }
 
-    const VALID_SPEC: &str = "profile: generic\nimage: srv\ncache: {mode: external, external: {urls: ['c:1']}}\n";
+    const VALID_SPEC: &str =
+        "profile: generic\nimage: srv\ncache: {mode: external, external: {urls: ['c:1']}}\n";
 
     #[test]
     fn a_valid_cluster_is_pending_with_validated_true() {

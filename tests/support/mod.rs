@@ -67,18 +67,29 @@ fn repo_path(relative: &str) -> PathBuf {
 /// would) and the operator's ClusterRole, bound to the test bed's operator
 /// user, then waits until the CRD is served.
 pub async fn install_crd(client: &Client) {
-    let text = std::fs::read_to_string(repo_path("crds/integrationcluster.yaml")).expect("read CRD file");
+    let text =
+        std::fs::read_to_string(repo_path("crds/integrationcluster.yaml")).expect("read CRD file");
     let crd: CustomResourceDefinition = serde_saphyr::from_str(&text).expect("CRD file parses");
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(CRD_NAME, &PatchParams::apply("integration-operator-tests").force(), &Patch::Apply(&crd))
-        .await
-        .expect("apply CRD");
-    kubectl(&["apply", "--server-side", "--force-conflicts", "-f", "manifests/rbac.yaml"]);
+    crds.patch(
+        CRD_NAME,
+        &PatchParams::apply("integration-operator-tests").force(),
+        &Patch::Apply(&crd),
+    )
+    .await
+    .expect("apply CRD");
+    kubectl(&[
+        "apply",
+        "--server-side",
+        "--force-conflicts",
+        "-f",
+        "manifests/rbac.yaml",
+    ]);
     kubectl(&[
         "apply",
         "--server-side",
         "-f",
-        "tests/support/operator-user-binding.yaml",
+        "hack/control-plane/operator-user-binding.yaml",
     ]);
     wait_until(Duration::from_secs(30), "CRD established", || async {
         let crd = crds.get(CRD_NAME).await.ok()?;
@@ -92,9 +103,11 @@ pub async fn install_crd(client: &Client) {
     .await;
     // Established can precede the endpoint being served for a moment.
     let api: Api<IntegrationCluster> = Api::all(client.clone());
-    wait_until(Duration::from_secs(30), "IntegrationCluster endpoint served", || async {
-        api.list(&Default::default()).await.ok().map(|_| ())
-    })
+    wait_until(
+        Duration::from_secs(30),
+        "IntegrationCluster endpoint served",
+        || async { api.list(&Default::default()).await.ok().map(|_| ()) },
+    )
     .await;
 }
 
@@ -118,13 +131,17 @@ pub fn kubectl_output(args: &[&str]) -> std::process::Output {
         .env("KUBECONFIG", admin_kubeconfig())
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
-        .unwrap_or_else(|e| panic!("run {kubectl}: {e}; make test puts the control plane's kubectl on PATH"))
+        .unwrap_or_else(|e| {
+            panic!("run {kubectl}: {e}; make test puts the control plane's kubectl on PATH")
+        })
 }
 
 /// A unique name: tests share one control plane and run in parallel.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
-    let nanos = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
     format!(
         "{prefix}-{:x}{}",
         nanos % 0xfffff,
@@ -136,8 +153,11 @@ pub fn unique(prefix: &str) -> String {
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let name = unique(prefix);
     let api: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
-    api.create(&PostParams::default(), &ns).await.expect("create namespace");
+    let ns: Namespace =
+        serde_json::from_value(serde_json::json!({"metadata": {"name": name}})).expect("namespace");
+    api.create(&PostParams::default(), &ns)
+        .await
+        .expect("create namespace");
     name
 }
 
@@ -161,10 +181,16 @@ pub fn dynamic_api(client: &Client, namespace: &str) -> Api<DynamicObject> {
 }
 
 /// Creates an IntegrationCluster from YAML as a user would send it.
-pub async fn create_yaml(client: &Client, namespace: &str, yaml: &str) -> Result<DynamicObject, kube::Error> {
+pub async fn create_yaml(
+    client: &Client,
+    namespace: &str,
+    yaml: &str,
+) -> Result<DynamicObject, kube::Error> {
     let value: Value = serde_saphyr::from_str(yaml).expect("test YAML parses");
     let obj: DynamicObject = serde_json::from_value(value).expect("object");
-    dynamic_api(client, namespace).create(&PostParams::default(), &obj).await
+    dynamic_api(client, namespace)
+        .create(&PostParams::default(), &obj)
+        .await
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `timeout`.
@@ -178,7 +204,10 @@ where
         if let Some(value) = probe().await {
             return value;
         }
-        assert!(Instant::now() < deadline, "timed out after {timeout:?} waiting for {what}");
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -191,8 +220,12 @@ pub struct Operator {
 
 impl Operator {
     pub fn start(namespace: &str) -> Self {
-        let log = std::fs::File::create(state_dir().join("logs").join(format!("operator-{namespace}.log")))
-            .expect("create operator log");
+        let log = std::fs::File::create(
+            state_dir()
+                .join("logs")
+                .join(format!("operator-{namespace}.log")),
+        )
+        .expect("create operator log");
         let child = Command::new(env!("CARGO_BIN_EXE_integration-operator"))
             .args(["run", "--namespace", namespace])
             .env("KUBECONFIG", operator_kubeconfig())

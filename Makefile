@@ -1,0 +1,23 @@
+# The two commands a newcomer needs are `make demo` and `make test`.
+.PHONY: demo test down crds build bench help
+
+help:
+	@echo "make demo   local control plane + PostgreSQL, the operator, sample clusters"
+	@echo "make test   fmt, clippy, CRD check, unit and integration tests on a real control plane"
+	@echo "make down   stop the local control plane (and the demo operator)"
+	@echo "make crds   regenerate crds/ from the Rust types"
+
+demo:
+	hack/demo
+
+test:
+	hack/test
+
+down:
+	hack/control-plane/down
+
+crds:
+	cargo run --locked --quiet -- crd > crds/integrationcluster.yaml
+
+build:
+	cargo build --locked --release
