@@ -73,85 +73,58 @@ pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Conditio
 mod tests {
     use super::*;
 
-    fn at(second: i64) -> Timestamp {
-        Timestamp::from_second(second).expect("valid timestamp")
+    /// Merges one decision into `current` at `second` for `generation`.
+    fn decide(
+        current: &[Condition],
+        desired: Desired,
+        generation: i64,
+        second: i64,
+    ) -> Vec<Condition> {
+        let now = Timestamp::from_second(second).expect("valid timestamp");
+        merge(current, &[desired], Some(generation), now)
+    }
+
+    fn valid(message: &str) -> Desired {
+        Desired::new("Validated", true, "Valid", message)
+    }
+
+    fn at(second: i64) -> Time {
+        Time(Timestamp::from_second(second).expect("valid timestamp"))
     }
 
     #[test]
     fn a_new_condition_gets_the_current_time() {
-        let merged = merge(
-            &[],
-            &[Desired::new("Validated", true, "Valid", "ok")],
-            Some(1),
-            at(10),
-        );
+        let merged = decide(&[], valid("ok"), 1, 10);
         assert_eq!(merged.len(), 1);
         assert_eq!(merged[0].status, "True");
-        assert_eq!(merged[0].last_transition_time, Time(at(10)));
+        assert_eq!(merged[0].last_transition_time, at(10));
         assert_eq!(merged[0].observed_generation, Some(1));
     }
 
     #[test]
     fn an_unchanged_status_keeps_its_transition_time() {
-        let first = merge(
-            &[],
-            &[Desired::new("Validated", true, "Valid", "ok")],
-            Some(1),
-            at(10),
-        );
-        let second = merge(
-            &first,
-            &[Desired::new("Validated", true, "Valid", "still ok")],
-            Some(2),
-            at(20),
-        );
-        assert_eq!(second[0].last_transition_time, Time(at(10)));
+        let first = decide(&[], valid("ok"), 1, 10);
+        let second = decide(&first, valid("still ok"), 2, 20);
+        assert_eq!(second[0].last_transition_time, at(10));
         assert_eq!(second[0].message, "still ok");
         assert_eq!(second[0].observed_generation, Some(2));
     }
 
     #[test]
     fn a_flip_moves_the_transition_time() {
-        let first = merge(
-            &[],
-            &[Desired::new("Validated", true, "Valid", "ok")],
-            Some(1),
-            at(10),
-        );
-        let second = merge(
-            &first,
-            &[Desired::new("Validated", false, "UnknownNode", "x")],
-            Some(2),
-            at(20),
-        );
-        assert_eq!(second[0].last_transition_time, Time(at(20)));
+        let first = decide(&[], valid("ok"), 1, 10);
+        let invalid = Desired::new("Validated", false, "UnknownNode", "x");
+        let second = decide(&first, invalid, 2, 20);
+        assert_eq!(second[0].last_transition_time, at(20));
         assert_eq!(second[0].reason, "UnknownNode");
     }
 
     #[test]
     fn other_conditions_are_kept_and_order_is_stable() {
-        let first = merge(
-            &[],
-            &[Desired::new("Ready", false, "Pending", "")],
-            Some(1),
-            at(10),
-        );
-        let second = merge(
-            &first,
-            &[Desired::new("Validated", true, "Valid", "ok")],
-            Some(1),
-            at(20),
-        );
+        let first = decide(&[], Desired::new("Ready", false, "Pending", ""), 1, 10);
+        let second = decide(&first, valid("ok"), 1, 20);
         let types: Vec<_> = second.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, ["Ready", "Validated"]);
-        assert_eq!(
-            merge(
-                &second,
-                &[Desired::new("Validated", true, "Valid", "ok")],
-                Some(1),
-                at(30)
-            ),
-            second
-        );
+        assert_eq!(decide(&second, valid("ok"), 1, 30), second);
     }
 }
