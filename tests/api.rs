@@ -28,18 +28,18 @@ fn committed_crd_matches_the_rust_types() {
 #[tokio::test]
 async fn crd_installs_and_kubectl_explain_shows_field_docs() {
     let _client = admin().await;
-    let cache = kubectl(&["explain", "ic.spec.cache"]);
+    let cache = kubectl_eventually(&["explain", "ic.spec.cache"]).await;
     assert!(
         cache.contains("The distributed cache of a stateful cluster"),
         "{cache}"
     );
     assert!(cache.contains("connectTimeoutSeconds"), "{cache}");
-    let lease = kubectl(&["explain", "ic.spec.listeners.leaseDurationSeconds"]);
+    let lease = kubectl_eventually(&["explain", "ic.spec.listeners.leaseDurationSeconds"]).await;
     assert!(
         lease.contains("Seconds a Lease is valid without renewal"),
         "{lease}"
     );
-    let mode = kubectl(&["explain", "integrationcluster.spec.mode"]);
+    let mode = kubectl_eventually(&["explain", "integrationcluster.spec.mode"]).await;
     assert!(
         mode.contains("stateful") && mode.contains("stateless"),
         "{mode}"
@@ -53,7 +53,7 @@ async fn printer_columns_show_profile_mode_and_phase() {
     create_yaml(&client, &ns, &cluster("orders", VALID))
         .await
         .expect("valid cluster");
-    let table = kubectl(&["get", "ic", "-n", &ns]);
+    let table = kubectl_eventually(&["get", "ic", "-n", &ns]).await;
     let header: Vec<&str> = table
         .lines()
         .next()

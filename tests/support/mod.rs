@@ -129,11 +129,28 @@ pub fn kubectl_output(args: &[&str]) -> std::process::Output {
     Command::new(&kubectl)
         .args(args)
         .env("KUBECONFIG", admin_kubeconfig())
+        // Discovery and OpenAPI caches belong to this control plane, not ~/.kube.
+        .env("KUBECACHEDIR", state_dir().join("kubectl-cache"))
         .current_dir(env!("CARGO_MANIFEST_DIR"))
         .output()
         .unwrap_or_else(|e| {
             panic!("run {kubectl}: {e}; make test puts the control plane's kubectl on PATH")
         })
+}
+
+/// Runs kubectl until it succeeds: what the API server publishes about a
+/// new CRD (discovery, OpenAPI) follows its Established condition a little
+/// later.
+pub async fn kubectl_eventually(args: &[&str]) -> String {
+    let what = format!("kubectl {}", args.join(" "));
+    wait_until(Duration::from_secs(30), &what, || async {
+        let output = kubectl_output(args);
+        output
+            .status
+            .success()
+            .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
+    })
+    .await
 }
 
 /// A unique name: tests share one control plane and run in parallel.
