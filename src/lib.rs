@@ -10,5 +10,6 @@
 pub mod api;
 pub mod controller;
 pub mod naming;
+pub mod render;
 pub mod telemetry;
 pub mod validation;

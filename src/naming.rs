@@ -68,6 +68,47 @@ pub fn default_logical_hostname(cluster_name: &str, ordinal: u32) -> String {
     format!("{cluster_name}-{ordinal}")
 }
 
+/// Label keys and values the operator puts on everything it creates.
+pub mod labels {
+    pub const NAME: &str = "app.kubernetes.io/name";
+    pub const INSTANCE: &str = "app.kubernetes.io/instance";
+    pub const COMPONENT: &str = "app.kubernetes.io/component";
+    pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+    pub const CLUSTER: &str = "integration.dev/cluster";
+    pub const NODE: &str = "integration.dev/node";
+    pub const OPERATOR: &str = "integration-operator";
+}
+
+/// Annotation keys on server pods.
+pub mod annotations {
+    pub const CONFIG_DIGEST: &str = "integration.dev/config-digest";
+    pub const PACKAGES_DIGEST: &str = "integration.dev/packages-digest";
+}
+
+/// Pod condition the operator owns: True means the node is online and may
+/// get client traffic (a readiness gate on every server pod).
+pub const ONLINE_CONDITION: &str = "integration.dev/online";
+
+/// The client Service: ready and online nodes only.
+pub fn client_service(cluster: &str) -> String {
+    cluster.to_owned()
+}
+
+/// The headless admin Service: every node, online or not.
+pub fn admin_service(cluster: &str) -> String {
+    format!("{cluster}-admin")
+}
+
+/// The ConfigMap of rendered configuration.
+pub fn config_map(cluster: &str) -> String {
+    format!("{cluster}-config")
+}
+
+/// The per-node volume claim.
+pub fn data_claim(node: &str) -> String {
+    format!("data-{node}")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -8,8 +8,9 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::api::{CacheMode, IntegrationCluster, Mode};
+use crate::api::{CacheMode, IntegrationCluster, Mode, Profile};
 use crate::naming;
+use crate::render::webmethods_is;
 
 /// A spec that passed every check, with the names derived from it.
 #[derive(Clone, Debug, PartialEq)]
@@ -50,6 +51,10 @@ pub enum Problem {
         hostname: String,
     },
     #[error(
+        "spec.server.properties: {key} is set by the operator from the spec (cluster name, cache, session timeout, logical host names) and cannot be overridden"
+    )]
+    ReservedProperty { key: String },
+    #[error(
         "spec.clusterName: normalises to {cluster_name}, which {other} already uses on the same cache ({urls}); the servers would join one cluster"
     )]
     ClusterNameConflict {
@@ -68,6 +73,7 @@ impl Problem {
             Problem::LogicalHostnameHasSemicolon { .. } => "InvalidLogicalHostname",
             Problem::DuplicateLogicalHostname { .. } => "DuplicateLogicalHostname",
             Problem::ClusterNameConflict { .. } => "ClusterNameConflict",
+            Problem::ReservedProperty { .. } => "ReservedProperty",
         }
     }
 }
@@ -114,6 +120,15 @@ pub fn validate(
         }
         if hostname.contains(';') {
             problems.push(Problem::LogicalHostnameHasSemicolon { node: node.clone() });
+        }
+    }
+
+    if spec.profile == Profile::WebmethodsIs {
+        for key in spec.server.properties.keys() {
+            let setting = key.strip_prefix("settings.").unwrap_or(key);
+            if webmethods_is::RESERVED.contains(&setting) {
+                problems.push(Problem::ReservedProperty { key: key.clone() });
+            }
         }
     }
 
@@ -355,6 +370,23 @@ mod tests {
         assert!(
             validate(&old, &[&old, &new]).is_ok(),
             "the older cluster keeps its name"
+        );
+    }
+
+    #[test]
+    fn cluster_settings_cannot_be_overridden_by_properties() {
+        let ic = cluster(
+            "orders",
+            &format!(
+                "{BASE}server: {{properties: {{settings.watt.server.cluster.name: x, watt.server.threadPool: '75'}}}}\n"
+            ),
+        );
+        let problems = validate(&ic, &[]).expect_err("reserved");
+        assert_eq!(
+            problems,
+            vec![Problem::ReservedProperty {
+                key: "settings.watt.server.cluster.name".into()
+            }]
         );
     }
 

@@ -134,6 +134,30 @@ pub struct IntegrationClusterSpec {
     /// Compute resources of the server container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+
+    /// A volume per node for the server's local state (webMethods IS
+    /// client-side queue and db directory). Without it nodes keep no state
+    /// across replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage: Option<StorageSpec>,
+
+    /// Extra labels on every server pod.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 32))]
+    pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The per-node volume.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StorageSpec {
+    /// Volume size, e.g. "5Gi".
+    #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
+    pub size: String,
+    /// Storage class; the cluster default when omitted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub storage_class_name: Option<String>,
 }
 
 fn default_replicas() -> i32 {
@@ -224,6 +248,47 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 32))]
     pub config_from: Vec<ConfigSource>,
+
+    /// Environment variables of the server container (JAVA_MAX_MEM, ...).
+    /// Secrets belong in configFrom, not here.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 128))]
+    pub env: BTreeMap<String, String>,
+
+    /// Extra configuration files, by file name, rendered next to the
+    /// profile's own files (the generic profile's whole configuration).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(extend("maxProperties" = 64))]
+    pub files: BTreeMap<String, String>,
+
+    /// HTTP health endpoints for the generic profile; without them the
+    /// probes check that the primary port accepts connections.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthSpec>,
+}
+
+/// HTTP health endpoints of a generic server.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HealthSpec {
+    /// Path answering 200 when the server can take traffic.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub readiness_path: String,
+    /// Path answering 200 while the server is alive.
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub liveness_path: String,
+    /// HTTP or HTTPS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheme: Option<HealthScheme>,
+}
+
+/// URI scheme of a health endpoint.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HealthScheme {
+    #[serde(rename = "HTTP")]
+    Http,
+    #[serde(rename = "HTTPS")]
+    Https,
 }
 
 impl Default for ServerSpec {
@@ -236,6 +301,9 @@ impl Default for ServerSpec {
             properties: BTreeMap::new(),
             logical_hostnames: BTreeMap::new(),
             config_from: Vec::new(),
+            env: BTreeMap::new(),
+            files: BTreeMap::new(),
+            health: None,
         }
     }
 }
@@ -611,14 +679,24 @@ pub struct RolloutSpec {
     #[serde(default = "default_max_unavailable")]
     #[schemars(range(min = 1, max = 64))]
     pub max_unavailable: i32,
+    /// Seconds a replaced or new node may take to become Ready before the
+    /// rollout stops with Stalled=True instead of touching the next node.
+    #[serde(default = "default_progress_deadline")]
+    #[schemars(range(min = 5, max = 86400))]
+    pub progress_deadline_seconds: i32,
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
         Self {
             max_unavailable: default_max_unavailable(),
+            progress_deadline_seconds: default_progress_deadline(),
         }
     }
+}
+
+fn default_progress_deadline() -> i32 {
+    600
 }
 
 fn default_max_unavailable() -> i32 {
