@@ -13,3 +13,4 @@ pub mod naming;
 pub mod render;
 pub mod telemetry;
 pub mod validation;
+pub mod workload;

@@ -6,8 +6,10 @@ mod support;
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use integration_operator::api::IntegrationCluster;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams};
+use kube::ResourceExt;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use support::*;
 
 fn operator(kubeconfig: &str) -> Output {
@@ -54,6 +56,21 @@ fn an_unreachable_api_server_is_named() {
 #[tokio::test]
 async fn a_missing_crd_says_how_to_install_it() {
     let client = admin().await;
+    // Earlier tests' clusters carry the operator's finalizer and no operator
+    // runs for them any more; without it they would hold the CRD deletion.
+    let all: Api<IntegrationCluster> = Api::all(client.clone());
+    for ic in all.list(&Default::default()).await.expect("list clusters") {
+        let api: Api<IntegrationCluster> =
+            Api::namespaced(client.clone(), &ic.namespace().unwrap_or_default());
+        let unfinalize = serde_json::json!({"metadata": {"finalizers": null}});
+        let _ = api
+            .patch(
+                &ic.name_any(),
+                &PatchParams::default(),
+                &Patch::Merge(&unfinalize),
+            )
+            .await;
+    }
     let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
     crds.delete(CRD_NAME, &DeleteParams::default())
         .await

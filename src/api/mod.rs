@@ -12,6 +12,16 @@ use kube::CustomResourceExt;
 pub mod condition {
     /// The spec passed the checks the API server cannot make.
     pub const VALIDATED: &str = "Validated";
+    /// Every node runs the desired configuration, is Ready and online.
+    pub const READY: &str = "Ready";
+    /// The operator is creating, replacing or removing nodes.
+    pub const PROGRESSING: &str = "Progressing";
+    /// Fewer nodes are available than the rollout budget allows.
+    pub const DEGRADED: &str = "Degraded";
+    /// Some nodes run a configuration other than the desired one.
+    pub const CONFIG_DRIFT: &str = "ConfigDrift";
+    /// The rollout cannot go on without help.
+    pub const STALLED: &str = "Stalled";
 }
 
 /// The CRD as YAML, exactly what `crds/` holds.

@@ -5,24 +5,30 @@
 //! functions in their own modules; this file wires them to the API server.
 //! A reconcile that finds nothing new makes no API writes.
 
+mod apply;
 mod conditions;
+mod plan;
 mod status;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::IntegrationCluster;
-use crate::validation;
+use crate::api::{DeletionPolicy, IntegrationCluster, IntegrationClusterStatus, Phase, condition};
+use crate::naming::labels;
+use crate::{render, validation};
 
 /// Field manager of every write the operator makes.
 pub const FIELD_MANAGER: &str = "integration-operator";
@@ -33,6 +39,10 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(5);
 
+/// Finalizer that lets the operator release retained volumes before the
+/// garbage collector deletes what the cluster owns.
+pub const FINALIZER: &str = "integration.dev/cleanup";
+
 /// Errors of one reconcile; all are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -42,8 +52,24 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
+    #[error("reading {what}: {source}")]
+    Read {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("{what}: {source}")]
+    Write {
+        what: String,
+        #[source]
+        source: kube::Error,
+    },
+    #[error("serialising an object: {0}")]
+    Serialize(#[source] serde_json::Error),
     #[error("{0} has no namespace")]
     NotNamespaced(String),
+    #[error("finalizer: {0}")]
+    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
 }
 
 impl Error {
@@ -51,7 +77,11 @@ impl Error {
     pub fn category(&self) -> &'static str {
         match self {
             Error::WriteStatus { .. } => "write_status",
+            Error::Read { .. } => "read",
+            Error::Write { .. } => "write",
+            Error::Serialize(_) => "serialize",
             Error::NotNamespaced(_) => "not_namespaced",
+            Error::Finalizer(_) => "finalizer",
         }
     }
 }
@@ -120,7 +150,18 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
 /// Runs the controller until a shutdown signal.
 pub async fn run(client: Client, scope: Scope) {
     let api = api_for(client.clone(), &scope);
-    let controller = Controller::new(api, watcher::Config::default().any_semantic());
+    let owned = watcher::Config::default()
+        .labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR))
+        .any_semantic();
+    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+        .owns(owned_api::<Pod>(&client, &scope), owned.clone())
+        .owns(owned_api::<Service>(&client, &scope), owned.clone())
+        .owns(owned_api::<ConfigMap>(&client, &scope), owned.clone())
+        .owns(
+            owned_api::<PersistentVolumeClaim>(&client, &scope),
+            owned.clone(),
+        )
+        .owns(owned_api::<PodDisruptionBudget>(&client, &scope), owned);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
@@ -139,85 +180,159 @@ pub async fn run(client: Client, scope: Scope) {
     info!("controller stopped");
 }
 
+fn owned_api<K>(client: &Client, scope: &Scope) -> Api<K>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    K::DynamicType: Default,
+{
+    match scope {
+        Scope::AllNamespaces => Api::all(client.clone()),
+        Scope::Namespace(ns) => Api::namespaced(client.clone(), ns),
+    }
+}
+
 async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let name = ic.name_any();
     let namespace = ic
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
+    let api: Api<IntegrationCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    finalizer(&api, FINALIZER, ic, |event| async {
+        match event {
+            FinalizerEvent::Apply(ic) => reconcile_cluster(&ic, &ctx).await,
+            FinalizerEvent::Cleanup(ic) => cleanup(&ic, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|e| Error::Finalizer(Box::new(e)))
+}
+
+/// observe → validate → render → plan → apply → status.
+async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error> {
+    let name = ic.name_any();
+    let namespace = ic.namespace().unwrap_or_default();
 
     // observe
     let everyone = ctx.store.state();
     let others: Vec<&IntegrationCluster> = everyone.iter().map(Arc::as_ref).collect();
 
     // validate
-    let validated = validation::validate(&ic, &others);
-
-    // update status
+    let validated = validation::validate(ic, &others);
     let current = ic.status.clone().unwrap_or_default();
-    let desired = status::desired(&ic, &validated, Timestamp::now());
-    if desired != current {
-        let api: Api<IntegrationCluster> = Api::namespaced(ctx.client.clone(), &namespace);
-        let patch = serde_json::json!({
-            "apiVersion": IntegrationCluster::api_version(&()),
-            "kind": IntegrationCluster::kind(&()),
-            "status": desired,
-        });
-        api.patch_status(
-            &name,
-            &PatchParams::apply(FIELD_MANAGER).force(),
-            &Patch::Apply(&patch),
-        )
-        .await
-        .map_err(|source| Error::WriteStatus {
-            name: name.clone(),
-            source,
-        })?;
-        if let Some(phase) = desired.phase {
-            info!(%namespace, %name, ?phase, "status updated");
+    let Ok(cluster) = &validated else {
+        let desired = status::desired(ic, &validated, None, Timestamp::now());
+        write_status(ctx, ic, &current, &desired).await?;
+        if let Err(problems) = &validated
+            && status::newly_invalid(&current, &desired)
+        {
+            let note = problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ");
+            let reason = problems
+                .first()
+                .map_or("Invalid", validation::Problem::reason);
+            apply::publish(ctx, ic, EventType::Warning, reason, note).await;
         }
-    }
+        return Ok(Action::requeue(RESYNC));
+    };
 
-    if let Err(problems) = &validated
-        && status::newly_invalid(&current, &desired)
+    // render and plan
+    let rendered = render::render(ic, cluster);
+    if !ic.spec.paused {
+        apply::ensure_shared(ctx, ic, &rendered).await?;
+    }
+    let (pods, claims) = apply::observe(ctx, ic).await?;
+    let observed = plan::Observed {
+        pods: &pods,
+        claims: &claims,
+        now: Timestamp::now(),
+    };
+    let plan = plan::plan(ic, cluster, &rendered, &observed);
+
+    // status first: it reports what was observed and why the actions follow
+    let progress = status::Progress {
+        plan: &plan,
+        rendered: &rendered,
+    };
+    let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());
+    write_status(ctx, ic, &current, &desired).await?;
+    if status::newly_true(&current, &desired, condition::CONFIG_DRIFT) {
+        let note = format!("configuration drift: {}", drift_summary(&plan));
+        apply::publish(ctx, ic, EventType::Normal, "ConfigDrift", note).await;
+    }
+    if let Some(why) = &plan.stalled
+        && status::newly_true(&current, &desired, condition::STALLED)
     {
-        publish_rejection(&ctx, &ic, problems).await;
+        apply::publish(ctx, ic, EventType::Warning, "RolloutStalled", why.clone()).await;
     }
 
-    Ok(Action::requeue(RESYNC))
+    // apply
+    apply::execute(ctx, ic, &plan.actions).await?;
+    info!(%namespace, %name, actions = plan.actions.len(), "reconciled");
+
+    // Nodes on their way somewhere are looked at again soon; pod events
+    // usually come first, but the progress deadline is a matter of time.
+    let settled = desired.phase == Some(Phase::Ready) && plan.actions.is_empty();
+    Ok(Action::requeue(if settled { RESYNC } else { RETRY }))
 }
 
-/// A person looking at `kubectl describe` should see why the operator does
-/// nothing; published once per new verdict, not on every reconcile.
-async fn publish_rejection(
+fn drift_summary(plan: &plan::Plan) -> String {
+    plan.drifted
+        .iter()
+        .map(|(node, why)| format!("{node} ({why})"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+async fn write_status(
     ctx: &Context,
     ic: &IntegrationCluster,
-    problems: &[validation::Problem],
-) {
-    let Some(first) = problems.first() else {
-        return;
-    };
-    let note = problems
-        .iter()
-        .map(ToString::to_string)
-        .collect::<Vec<_>>()
-        .join("; ");
-    let event = Event {
-        type_: EventType::Warning,
-        reason: first.reason().to_owned(),
-        note: Some(truncate(&note, 1000)),
-        action: "Validate".into(),
-        secondary: None,
-    };
-    if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
-        warn!(name = %ic.name_any(), error = %e, "publishing event failed");
+    current: &IntegrationClusterStatus,
+    desired: &IntegrationClusterStatus,
+) -> Result<(), Error> {
+    if desired == current {
+        return Ok(());
     }
+    let name = ic.name_any();
+    let api: Api<IntegrationCluster> =
+        Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
+    let patch = serde_json::json!({
+        "apiVersion": IntegrationCluster::api_version(&()),
+        "kind": IntegrationCluster::kind(&()),
+        "status": desired,
+    });
+    api.patch_status(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| Error::WriteStatus {
+        name: name.clone(),
+        source,
+    })?;
+    if let Some(phase) = desired.phase {
+        info!(namespace = %ic.namespace().unwrap_or_default(), %name, ?phase, "status updated");
+    }
+    Ok(())
 }
 
-fn truncate(text: &str, max: usize) -> String {
-    match text.char_indices().nth(max) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
-        None => text.to_owned(),
+/// Deletion: with Retain, volume claims are released first so the garbage
+/// collector keeps them; everything else the cluster owns goes with it.
+async fn cleanup(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error> {
+    if ic.spec.deletion_policy == DeletionPolicy::Retain {
+        let released = apply::release_claims(ctx, ic).await?;
+        if !released.is_empty() {
+            let note = format!(
+                "deletionPolicy Retain: kept volume claims {} (no longer owned by the cluster; delete them by hand when the data is no longer needed)",
+                released.join(", ")
+            );
+            apply::publish(ctx, ic, EventType::Normal, "VolumesRetained", note).await;
+        }
     }
+    Ok(Action::await_change())
 }
 
 fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, _ctx: Arc<Context>) -> Action {

@@ -1,11 +1,20 @@
-//! The status a reconcile wants to see, as a pure function of the cluster
-//! and the validation verdict.
+//! The status a reconcile wants to see, as a pure function of the cluster,
+//! the validation verdict and the plan.
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
 
 use super::conditions::{self, Desired};
-use crate::api::{IntegrationCluster, IntegrationClusterStatus, Phase, condition};
+use super::plan::Plan;
+use crate::api::{IntegrationCluster, IntegrationClusterStatus, NodeStatus, Phase, condition};
+use crate::render::Rendered;
 use crate::validation::{Problem, ValidatedCluster};
+
+/// What a valid cluster's reconcile decided.
+pub struct Progress<'a> {
+    pub plan: &'a Plan,
+    pub rendered: &'a Rendered,
+}
 
 /// Reason of a passing validation.
 const VALID: &str = "Valid";
@@ -15,6 +24,7 @@ const VALID: &str = "Valid";
 pub fn desired(
     ic: &IntegrationCluster,
     validated: &Result<ValidatedCluster, Vec<Problem>>,
+    progress: Option<&Progress>,
     now: Timestamp,
 ) -> IntegrationClusterStatus {
     let current = ic.status.clone().unwrap_or_default();
@@ -36,21 +46,167 @@ pub fn desired(
                 .join("; "),
         ),
     };
-    let phase = match (validated, current.phase) {
-        (Err(_), _) => Phase::Invalid,
-        (Ok(_), None | Some(Phase::Invalid)) => Phase::Pending,
-        (Ok(_), Some(phase)) => phase,
+    let mut decided = vec![verdict];
+    let mut phase = match validated {
+        Err(_) => Phase::Invalid,
+        Ok(_) => Phase::Pending,
     };
-    IntegrationClusterStatus {
+    let mut status = IntegrationClusterStatus {
         observed_generation: ic.metadata.generation,
-        phase: Some(phase),
-        conditions: conditions::merge(&current.conditions, &[verdict], ic.metadata.generation, now),
         cluster_name: match validated {
             Ok(v) => Some(v.cluster_name.clone()),
             Err(_) => current.cluster_name.clone(),
         },
-        ..current
+        ..current.clone()
+    };
+    if let (Ok(_), Some(progress)) = (validated, progress) {
+        let (workload_conditions, workload_phase) = workload_conditions(ic, progress.plan);
+        decided.extend(workload_conditions);
+        phase = workload_phase;
+        status.config_digest = Some(progress.rendered.config_digest.clone());
+        status.packages_digest = Some(progress.rendered.packages_digest.clone());
+        status.ready_replicas = Some(progress.plan.ready);
+        status.online_replicas = Some(progress.plan.online);
+        status.nodes = node_statuses(&current, progress.plan, now);
     }
+    status.phase = Some(phase);
+    status.conditions =
+        conditions::merge(&current.conditions, &decided, ic.metadata.generation, now);
+    status
+}
+
+fn node_statuses(
+    current: &IntegrationClusterStatus,
+    plan: &Plan,
+    now: Timestamp,
+) -> Vec<NodeStatus> {
+    plan.nodes
+        .iter()
+        .map(|view| {
+            let before = current.nodes.iter().find(|n| n.name == view.name);
+            let since = match before {
+                Some(b) if b.state == view.state => b.since.clone(),
+                _ => Some(Time(now)),
+            };
+            NodeStatus {
+                name: view.name.clone(),
+                state: view.state,
+                ready: view.ready,
+                config_digest: view.config_digest.clone(),
+                packages_digest: view.packages_digest.clone(),
+                logical_hostname: view.logical_hostname.clone(),
+                since,
+                message: view.message.clone(),
+            }
+        })
+        .collect()
+}
+
+/// Ready, Progressing, Degraded, ConfigDrift and Stalled, and the phase
+/// that sums them up.
+fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, Phase) {
+    let spec = &ic.spec;
+    let replicas = spec.replicas;
+    let drift_message = plan
+        .drifted
+        .iter()
+        .map(|(node, why)| format!("{node}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    let drift = if plan.drifted.is_empty() {
+        Desired::new(
+            condition::CONFIG_DRIFT,
+            false,
+            "InSync",
+            "every node runs the desired configuration",
+        )
+    } else {
+        Desired::new(condition::CONFIG_DRIFT, true, "Drifted", drift_message)
+    };
+    let stalled = match &plan.stalled {
+        Some(why) => Desired::new(condition::STALLED, true, "NodeNotReady", why.clone()),
+        None => Desired::new(condition::STALLED, false, "NotStalled", ""),
+    };
+    let settled = plan.online == replicas
+        && plan.ready == replicas
+        && plan.drifted.is_empty()
+        && plan.nodes.len() == usize::try_from(replicas).unwrap_or_default();
+    let counts = format!(
+        "{}/{replicas} nodes online, {}/{replicas} ready",
+        plan.online, plan.ready
+    );
+    let ready = if settled {
+        Desired::new(condition::READY, true, "AllNodesOnline", counts.clone())
+    } else {
+        Desired::new(condition::READY, false, "NodesNotReady", counts.clone())
+    };
+    let progressing = if settled {
+        Desired::new(condition::PROGRESSING, false, "Settled", counts.clone())
+    } else if spec.paused {
+        Desired::new(
+            condition::PROGRESSING,
+            false,
+            "Paused",
+            "spec.paused is true: workload changes are held",
+        )
+    } else if plan.stalled.is_some() {
+        Desired::new(
+            condition::PROGRESSING,
+            false,
+            "Stalled",
+            "the rollout waits for help, see Stalled",
+        )
+    } else if !plan.drifted.is_empty() {
+        Desired::new(
+            condition::PROGRESSING,
+            true,
+            "RollingReplacement",
+            format!("replacing drifted nodes one at a time; {counts}"),
+        )
+    } else {
+        Desired::new(condition::PROGRESSING, true, "Reconciling", counts.clone())
+    };
+    let minimum = replicas - spec.rollout.max_unavailable;
+    let degraded = if plan.ready < minimum {
+        Desired::new(
+            condition::DEGRADED,
+            true,
+            "BelowMinimumAvailable",
+            format!(
+                "{} nodes ready, the rollout budget needs at least {minimum}",
+                plan.ready
+            ),
+        )
+    } else {
+        Desired::new(condition::DEGRADED, false, "Available", counts)
+    };
+    let phase = if plan.stalled.is_some() {
+        Phase::Stalled
+    } else if settled {
+        Phase::Ready
+    } else if plan.ready < minimum
+        && plan.actions.is_empty()
+        && plan.drifted.is_empty()
+        && plan.starting == 0
+    {
+        Phase::Degraded
+    } else {
+        Phase::Progressing
+    };
+    (vec![ready, progressing, degraded, drift, stalled], phase)
+}
+
+/// Whether `desired` reports `type_` True where `current` did not.
+pub fn newly_true(
+    current: &IntegrationClusterStatus,
+    desired: &IntegrationClusterStatus,
+    type_: &str,
+) -> bool {
+    let before = conditions::find(&current.conditions, type_);
+    let after = conditions::find(&desired.conditions, type_);
+    after.is_some_and(|a| {
+        a.status == "True" && before.is_none_or(|b| b.status != "True" || b.message != a.message)
+    })
 }
 
 /// Whether `desired` carries a rejection `current` did not already report.
@@ -92,7 +248,7 @@ mod tests {
     #[test]
     fn a_valid_cluster_is_pending_with_validated_true() {
         let ic = cluster(VALID_SPEC);
-        let status = desired(&ic, &validation::validate(&ic, &[]), at(1));
+        let status = desired(&ic, &validation::validate(&ic, &[]), None, at(1));
         assert_eq!(status.observed_generation, Some(4));
         assert_eq!(status.phase, Some(Phase::Pending));
         assert_eq!(status.cluster_name.as_deref(), Some("orders_prod"));
@@ -103,15 +259,18 @@ mod tests {
     #[test]
     fn recomputing_a_settled_status_changes_nothing() {
         let mut ic = cluster(VALID_SPEC);
-        let first = desired(&ic, &validation::validate(&ic, &[]), at(1));
+        let first = desired(&ic, &validation::validate(&ic, &[]), None, at(1));
         ic.status = Some(first.clone());
-        assert_eq!(desired(&ic, &validation::validate(&ic, &[]), at(99)), first);
+        assert_eq!(
+            desired(&ic, &validation::validate(&ic, &[]), None, at(99)),
+            first
+        );
     }
 
     #[test]
     fn an_invalid_cluster_names_the_field_and_is_reported_once() {
         let ic = cluster(&format!("{VALID_SPEC}nodes: {{offline: [orders-9]}}\n"));
-        let status = desired(&ic, &validation::validate(&ic, &[]), at(1));
+        let status = desired(&ic, &validation::validate(&ic, &[]), None, at(1));
         assert_eq!(status.phase, Some(Phase::Invalid));
         let c = conditions::find(&status.conditions, condition::VALIDATED).expect("condition");
         assert_eq!(c.reason, "UnknownNode");

@@ -9,7 +9,7 @@
 
 mod generic;
 pub mod webmethods_is;
-mod wso2_carbon;
+pub mod wso2_carbon;
 
 use std::collections::BTreeMap;
 
@@ -154,28 +154,6 @@ fn header(ic: &IntegrationCluster, comment: &str) -> String {
     )
 }
 
-#[cfg(test)]
-mod golden;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn properties_are_escaped() {
-        assert_eq!(property("a b", "x=y\\z\n"), "a\\ b=x=y\\\\z\\n\n");
-    }
-
-    #[test]
-    fn digests_are_stable_and_sensitive() {
-        let a = BTreeMap::from([("k".to_owned(), "v".to_owned())]);
-        let b = BTreeMap::from([("k".to_owned(), "w".to_owned())]);
-        assert_eq!(digest(&a), digest(&a.clone()));
-        assert_ne!(digest(&a), digest(&b));
-        assert_eq!(digest(&a).len(), 16);
-    }
-}
-
 /// Terracotta BigMemory Max client port (IS/MSR TSA URLs use it).
 pub const TSA_PORT: u16 = 9510;
 
@@ -201,5 +179,27 @@ pub fn cache_urls(ic: &IntegrationCluster) -> Vec<String> {
                 .map(|i| format!("{name}-cache-{i}.{name}-cache.{ns}.svc:{TSA_PORT}"))
                 .collect()
         }
+    }
+}
+
+#[cfg(test)]
+mod golden;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn properties_are_escaped() {
+        assert_eq!(property("a b", "x=y\\z\n"), "a\\ b=x=y\\\\z\\n\n");
+    }
+
+    #[test]
+    fn digests_are_stable_and_sensitive() {
+        let a = BTreeMap::from([("k".to_owned(), "v".to_owned())]);
+        let b = BTreeMap::from([("k".to_owned(), "w".to_owned())]);
+        assert_eq!(digest(&a), digest(&a.clone()));
+        assert_ne!(digest(&a), digest(&b));
+        assert_eq!(digest(&a).len(), 16);
     }
 }

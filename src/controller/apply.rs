@@ -1,0 +1,331 @@
+//! Carries out a plan against the API server. Shared objects are applied
+//! with server-side apply only when the desired fields differ from what the
+//! server holds, so a settled cluster costs no writes.
+
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::jiff::Timestamp;
+use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::events::{Event, EventType};
+use kube::{Resource, ResourceExt};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tracing::info;
+
+use super::plan::Action;
+use super::{Context, Error, FIELD_MANAGER};
+use crate::api::IntegrationCluster;
+use crate::naming::{ONLINE_CONDITION, labels};
+use crate::render::Rendered;
+use crate::workload;
+
+/// Whether every field of `desired` has the same value in `observed`.
+/// Fields only the server sets (defaults, status, metadata) are ignored.
+pub fn is_subset(desired: &Value, observed: &Value) -> bool {
+    match (desired, observed) {
+        (Value::Object(d), Value::Object(o)) => d
+            .iter()
+            .all(|(k, v)| v.is_null() || o.get(k).is_some_and(|ov| is_subset(v, ov))),
+        (Value::Array(d), Value::Array(o)) => {
+            d.len() == o.len() && d.iter().zip(o).all(|(a, b)| is_subset(a, b))
+        }
+        (Value::Number(a), Value::Number(b)) => a.as_f64() == b.as_f64(),
+        _ => desired == observed,
+    }
+}
+
+/// Applies `desired` unless the server already holds it.
+async fn ensure<K>(api: &Api<K>, desired: &K) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = desired.name_any();
+    let write = |source| Error::Write {
+        what: format!("{} {name}", K::kind(&K::DynamicType::default())),
+        source,
+    };
+    let current = api.get_opt(&name).await.map_err(write)?;
+    let mut wanted = serde_json::to_value(desired).map_err(Error::Serialize)?;
+    if let Value::Object(map) = &mut wanted {
+        map.insert(
+            "apiVersion".into(),
+            K::api_version(&K::DynamicType::default()).into(),
+        );
+        map.insert("kind".into(), K::kind(&K::DynamicType::default()).into());
+    }
+    if let Some(current) = current {
+        let current = serde_json::to_value(current).map_err(Error::Serialize)?;
+        if is_subset(&wanted, &current) {
+            return Ok(false);
+        }
+    }
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&wanted),
+    )
+    .await
+    .map_err(write)?;
+    Ok(true)
+}
+
+/// ConfigMap, Services and PodDisruptionBudget, in dependency order.
+pub async fn ensure_shared(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    rendered: &Rendered,
+) -> Result<(), Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    let client = ctx.client.clone();
+    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
+    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, &ns);
+    let mut changed = Vec::new();
+    if ensure(&cms, &workload::config_map(ic, rendered)).await? {
+        changed.push("ConfigMap");
+    }
+    if ensure(&services, &workload::admin_service(ic)).await? {
+        changed.push("admin Service");
+    }
+    if ensure(&services, &workload::client_service(ic)).await? {
+        changed.push("client Service");
+    }
+    if ensure(&pdbs, &workload::disruption_budget(ic)).await? {
+        changed.push("PodDisruptionBudget");
+    }
+    if !changed.is_empty() {
+        info!(cluster = %ic.name_any(), ?changed, "applied shared objects");
+    }
+    Ok(())
+}
+
+/// The server pods and volume claims of a cluster.
+pub async fn observe(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+) -> Result<(Vec<Pod>, Vec<PersistentVolumeClaim>), Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    let selector = format!("{}={}", labels::CLUSTER, ic.name_any());
+    let params = ListParams::default().labels(&selector);
+    let read = |what: &str| {
+        let what = what.to_owned();
+        move |source| Error::Read { what, source }
+    };
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let pods = pods.list(&params).await.map_err(read("pods"))?.items;
+    let claims = claims
+        .list(&params)
+        .await
+        .map_err(read("volume claims"))?
+        .items;
+    let owned = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        meta.owner_references
+            .iter()
+            .flatten()
+            .any(|o| Some(&o.uid) == ic.metadata.uid.as_ref())
+    };
+    let pods = pods
+        .into_iter()
+        .filter(|p| {
+            owned(&p.metadata)
+                && p.labels().get(labels::COMPONENT).map(String::as_str) == Some("server")
+        })
+        .collect();
+    let claims = claims.into_iter().filter(|c| owned(&c.metadata)).collect();
+    Ok((pods, claims))
+}
+
+/// Carries out `actions` in order; the first failure stops the rest (the
+/// next reconcile plans again from what then exists).
+pub async fn execute(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    actions: &[Action],
+) -> Result<(), Error> {
+    let ns = ic.namespace().unwrap_or_default();
+    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
+    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    let create = PostParams {
+        field_manager: Some(FIELD_MANAGER.into()),
+        ..PostParams::default()
+    };
+    for action in actions {
+        let write = |what: String| move |source| Error::Write { what, source };
+        match action {
+            Action::CreateClaim(claim) => {
+                ignore_conflict(claims.create(&create, claim).await)
+                    .map_err(write(format!("create claim {}", claim.name_any())))?;
+            }
+            Action::CreatePod(pod) => {
+                ignore_conflict(pods.create(&create, pod).await)
+                    .map_err(write(format!("create pod {}", pod.name_any())))?;
+                info!(cluster = %ic.name_any(), node = %pod.name_any(), "created pod");
+            }
+            Action::SetOnline { node, online } => {
+                set_online(&pods, node, *online)
+                    .await
+                    .map_err(write(format!("set {node} online={online}")))?;
+                info!(cluster = %ic.name_any(), %node, online, "set online gate");
+            }
+            Action::DeletePod { node, reason } => {
+                ignore_missing(
+                    pods.delete(node, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )
+                .map_err(write(format!("delete pod {node}")))?;
+                info!(cluster = %ic.name_any(), %node, %reason, "deleted pod");
+                let (event_reason, note) = if reason == "scale down" {
+                    ("ScaledDown", format!("Removed {node}: scale down"))
+                } else {
+                    ("Replacing", format!("Replacing {node}: {reason}"))
+                };
+                publish(ctx, ic, EventType::Normal, event_reason, note).await;
+            }
+            Action::DeleteClaim { name } => {
+                ignore_missing(
+                    claims
+                        .delete(name, &DeleteParams::default())
+                        .await
+                        .map(|_| ()),
+                )
+                .map_err(write(format!("delete claim {name}")))?;
+                publish(
+                    ctx,
+                    ic,
+                    EventType::Normal,
+                    "VolumeDeleted",
+                    format!("Deleted {name} (deletionPolicy: Delete)"),
+                )
+                .await;
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn set_online(pods: &Api<Pod>, node: &str, online: bool) -> Result<(), kube::Error> {
+    let (status, reason, message) = if online {
+        ("True", "NodeOnline", "the operator put the node online")
+    } else {
+        ("False", "NodeOffline", "the operator took the node offline")
+    };
+    let patch = serde_json::json!({
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": node},
+        "status": {"conditions": [{
+            "type": ONLINE_CONDITION,
+            "status": status,
+            "reason": reason,
+            "message": message,
+            "lastTransitionTime": Timestamp::now().to_string(),
+        }]},
+    });
+    pods.patch_status(
+        node,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map(|_| ())
+}
+
+fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        other => other.map(|_| ()),
+    }
+}
+
+fn ignore_missing(result: Result<(), kube::Error>) -> Result<(), kube::Error> {
+    match result {
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        other => other,
+    }
+}
+
+/// Publishes an Event about the cluster; a failure is logged, not fatal.
+pub async fn publish(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(&note, 1000)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
+        tracing::warn!(cluster = %ic.name_any(), error = %e, "publishing event failed");
+    }
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
+/// On deletion with `deletionPolicy: Retain`: the claims lose their owner
+/// reference so garbage collection leaves them (and the data) alone.
+pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<String>, Error> {
+    let (_, claims) = observe(ctx, ic).await?;
+    let api: Api<PersistentVolumeClaim> =
+        Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
+    let mut released = Vec::new();
+    for claim in claims {
+        let name = claim.name_any();
+        let keep: Vec<_> = claim
+            .owner_references()
+            .iter()
+            .filter(|o| Some(&o.uid) != ic.metadata.uid.as_ref())
+            .cloned()
+            .collect();
+        let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
+        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::Write {
+                what: format!("release claim {name}"),
+                source,
+            })?;
+        released.push(name);
+    }
+    Ok(released)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use std::collections::BTreeMap;
+
+    #[test]
+    fn server_defaults_do_not_count_as_differences() {
+        let desired = json!({"spec": {"ports": [{"name": "primary", "port": 5555}]}});
+        let observed = json!({"spec": {"ports": [{"name": "primary", "port": 5555, "protocol": "TCP"}], "clusterIP": "10.96.0.9"}});
+        assert!(is_subset(&desired, &observed));
+    }
+
+    #[test]
+    fn a_changed_or_missing_field_does() {
+        let desired = json!({"data": {"a": "1", "b": "2"}});
+        assert!(!is_subset(&desired, &json!({"data": {"a": "1", "b": "3"}})));
+        assert!(!is_subset(&desired, &json!({"data": {"a": "1"}})));
+        assert!(!is_subset(&json!({"l": [1, 2]}), &json!({"l": [1]})));
+    }
+
+    #[test]
+    fn maps_compare_by_key() {
+        let a: BTreeMap<&str, i32> = BTreeMap::from([("x", 1)]);
+        assert!(is_subset(&json!(a), &json!({"x": 1.0, "y": 2})));
+    }
+}

@@ -1,0 +1,63 @@
+//! Builders of the Kubernetes objects a cluster consists of. Pure functions
+//! of the validated cluster and its rendered configuration: they take no
+//! client, so what the operator would create is unit-tested here.
+
+mod pod;
+mod services;
+
+pub use pod::{containers_ready, digests_of, is_online, is_ready, pod};
+pub use services::{admin_service, client_service, config_map, data_claim, disruption_budget};
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
+use kube::Resource;
+
+use crate::api::{IntegrationCluster, Profile};
+use crate::naming::labels;
+
+/// Labels on every object of a cluster; the cluster label alone selects them.
+pub fn cluster_labels(ic: &IntegrationCluster) -> BTreeMap<String, String> {
+    let name = ic.metadata.name.clone().unwrap_or_default();
+    let product = match ic.spec.profile {
+        Profile::WebmethodsIs => "webmethods-is",
+        Profile::Wso2Carbon => "wso2-carbon",
+        Profile::Generic => "integration-server",
+    };
+    BTreeMap::from([
+        (labels::NAME.to_owned(), product.to_owned()),
+        (labels::INSTANCE.to_owned(), name.clone()),
+        (labels::MANAGED_BY.to_owned(), labels::OPERATOR.to_owned()),
+        (labels::CLUSTER.to_owned(), name),
+    ])
+}
+
+/// The selector of a cluster's server pods.
+pub fn server_selector(ic: &IntegrationCluster) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (
+            labels::CLUSTER.to_owned(),
+            ic.metadata.name.clone().unwrap_or_default(),
+        ),
+        (labels::COMPONENT.to_owned(), "server".to_owned()),
+    ])
+}
+
+/// Metadata of an object owned by the cluster, so it is garbage collected
+/// with it.
+fn owned_meta(ic: &IntegrationCluster, name: String, component: &str) -> ObjectMeta {
+    let mut labels = cluster_labels(ic);
+    labels.insert(labels::COMPONENT.to_owned(), component.to_owned());
+    ObjectMeta {
+        name: Some(name),
+        namespace: ic.metadata.namespace.clone(),
+        labels: Some(labels),
+        owner_references: owner_reference(ic).map(|o| vec![o]),
+        ..ObjectMeta::default()
+    }
+}
+
+/// The controller owner reference to the cluster.
+pub fn owner_reference(ic: &IntegrationCluster) -> Option<OwnerReference> {
+    ic.controller_owner_ref(&())
+}

@@ -1,0 +1,506 @@
+//! The server pod of one node, and what the operator reads back from one.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
+    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    PodReadinessGate, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile,
+    SecretProjection, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeProjection,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::{owned_meta, server_selector};
+use crate::api::{HealthScheme, IntegrationCluster, Profile};
+use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
+use crate::render::{self, CONFIG_DIR, Rendered, webmethods_is, wso2_carbon};
+use crate::validation::Member;
+
+/// Where `configFrom` Secrets are mounted; MSR reads `$secret{KEY}` there.
+const SECRETS_DIR: &str = "/etc/secrets";
+/// Where `configFrom` ConfigMaps are mounted.
+const CONFIG_FROM_DIR: &str = "/etc/integration/config-from";
+const IS_HOME: &str = "/opt/softwareag/IntegrationServer";
+const WSO2_CONFIG: &str = "/home/wso2carbon/wso2-config-volume/repository/conf/deployment.toml";
+
+/// What differs between products in a pod.
+struct ProfileFacts {
+    /// The image's server user (sagadmin 1724, wso2carbon 802).
+    user: Option<i64>,
+    /// Where the node volume goes.
+    data_dir: &'static str,
+    readiness: ProbeKind,
+    liveness: ProbeKind,
+}
+
+enum ProbeKind {
+    Tcp,
+    Http { path: String, https: bool },
+}
+
+fn facts(ic: &IntegrationCluster) -> ProfileFacts {
+    match ic.spec.profile {
+        Profile::WebmethodsIs => ProfileFacts {
+            user: Some(1724),
+            data_dir: "/opt/softwareag/IntegrationServer/db",
+            readiness: ProbeKind::Http {
+                path: "/health/readiness".into(),
+                https: false,
+            },
+            liveness: ProbeKind::Http {
+                path: "/health/liveness".into(),
+                https: false,
+            },
+        },
+        Profile::Wso2Carbon => ProfileFacts {
+            user: Some(802),
+            data_dir: "/home/wso2carbon/data",
+            readiness: ProbeKind::Http {
+                path: "/api/health-check/v1.0/health".into(),
+                https: true,
+            },
+            liveness: ProbeKind::Tcp,
+        },
+        Profile::Generic => {
+            let (readiness, liveness) = match &ic.spec.server.health {
+                Some(h) => {
+                    let https = h.scheme == Some(HealthScheme::Https);
+                    (
+                        ProbeKind::Http {
+                            path: h.readiness_path.clone(),
+                            https,
+                        },
+                        ProbeKind::Http {
+                            path: h.liveness_path.clone(),
+                            https,
+                        },
+                    )
+                }
+                None => (ProbeKind::Tcp, ProbeKind::Tcp),
+            };
+            ProfileFacts {
+                user: None,
+                data_dir: "/var/lib/integration",
+                readiness,
+                liveness,
+            }
+        }
+    }
+}
+
+fn probe(kind: &ProbeKind, period: i32, failures: i32) -> Probe {
+    let port = IntOrString::String("primary".into());
+    let (http_get, tcp_socket) = match kind {
+        ProbeKind::Tcp => (None, Some(TCPSocketAction { port, host: None })),
+        ProbeKind::Http { path, https } => (
+            Some(HTTPGetAction {
+                path: Some(path.clone()),
+                port,
+                scheme: Some(if *https { "HTTPS" } else { "HTTP" }.into()),
+                ..HTTPGetAction::default()
+            }),
+            None,
+        ),
+    };
+    Probe {
+        http_get,
+        tcp_socket,
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+fn env(name: &str, value: impl Into<String>) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: Some(value.into()),
+        value_from: None,
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.into(),
+                api_version: None,
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
+fn mount(name: &str, path: &str) -> VolumeMount {
+    VolumeMount {
+        name: name.into(),
+        mount_path: path.into(),
+        read_only: Some(name != "data"),
+        ..VolumeMount::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+/// The pod of `member`, stamped with its configuration and package digests.
+pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod {
+    let spec = &ic.spec;
+    let facts = facts(ic);
+    let cluster = ic.metadata.name.clone().unwrap_or_default();
+
+    let mut meta = owned_meta(ic, member.name.clone(), "server");
+    if let Some(l) = meta.labels.as_mut() {
+        l.insert(labels::NODE.into(), member.name.clone());
+        for (k, v) in &spec.pod_labels {
+            l.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+    meta.annotations = Some(BTreeMap::from([
+        (
+            annotations::CONFIG_DIGEST.to_owned(),
+            rendered
+                .node_digests
+                .get(&member.name)
+                .cloned()
+                .unwrap_or_default(),
+        ),
+        (
+            annotations::PACKAGES_DIGEST.to_owned(),
+            rendered.packages_digest.clone(),
+        ),
+    ]));
+
+    let mut env_vars = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+        field_env("NODE_IP", "status.podIP"),
+        env("INTEGRATION_CLUSTER_NAME", &cluster),
+    ];
+    let mut mounts = vec![];
+    match spec.profile {
+        Profile::WebmethodsIs => {
+            env_vars.push(env(
+                "SAG_IS_CONFIG_PROPERTIES",
+                format!(
+                    "{CONFIG_DIR}/{},{CONFIG_DIR}/node-$(POD_NAME).properties",
+                    webmethods_is::APPLICATION_PROPERTIES
+                ),
+            ));
+            mounts.push(mount("config", CONFIG_DIR));
+        }
+        Profile::Wso2Carbon => {
+            mounts.push(VolumeMount {
+                sub_path: Some(wso2_carbon::DEPLOYMENT_TOML.into()),
+                ..mount("config", WSO2_CONFIG)
+            });
+        }
+        Profile::Generic => {
+            env_vars.push(env(
+                "NODE_CONFIG",
+                format!("{CONFIG_DIR}/{}", render::node_file("$(POD_NAME)")),
+            ));
+            mounts.push(mount("config", CONFIG_DIR));
+        }
+    }
+    env_vars.extend(spec.server.env.iter().map(|(k, v)| env(k, v.clone())));
+
+    let mut volumes = vec![Volume {
+        name: "config".into(),
+        config_map: Some(ConfigMapVolumeSource {
+            name: naming::config_map(&cluster),
+            ..ConfigMapVolumeSource::default()
+        }),
+        ..Volume::default()
+    }];
+    let secrets: Vec<VolumeProjection> = spec
+        .server
+        .config_from
+        .iter()
+        .filter_map(|c| c.secret_ref.as_ref())
+        .map(|s| VolumeProjection {
+            secret: Some(SecretProjection {
+                name: s.name.clone(),
+                ..SecretProjection::default()
+            }),
+            ..VolumeProjection::default()
+        })
+        .collect();
+    let config_maps: Vec<VolumeProjection> = spec
+        .server
+        .config_from
+        .iter()
+        .filter_map(|c| c.config_map_ref.as_ref())
+        .map(|c| VolumeProjection {
+            config_map: Some(ConfigMapProjection {
+                name: c.name.clone(),
+                ..ConfigMapProjection::default()
+            }),
+            ..VolumeProjection::default()
+        })
+        .collect();
+    for (name, sources, dir) in [
+        ("secrets", secrets, SECRETS_DIR),
+        ("config-from", config_maps, CONFIG_FROM_DIR),
+    ] {
+        if !sources.is_empty() {
+            volumes.push(Volume {
+                name: name.into(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(sources),
+                    ..ProjectedVolumeSource::default()
+                }),
+                ..Volume::default()
+            });
+            mounts.push(mount(name, dir));
+        }
+    }
+    if spec.storage.is_some() {
+        volumes.push(Volume {
+            name: "data".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: naming::data_claim(&member.name),
+                read_only: None,
+            }),
+            ..Volume::default()
+        });
+        mounts.push(mount("data", facts.data_dir));
+    }
+
+    let ports = &spec.server.ports;
+    let mut container_ports = vec![
+        container_port("primary", ports.primary),
+        container_port("diagnostic", ports.diagnostic),
+    ];
+    if spec.profile == Profile::Wso2Carbon {
+        container_ports.push(container_port("membership", wso2_carbon::MEMBER_PORT));
+    }
+    let working_dir = (spec.profile == Profile::WebmethodsIs).then(|| IS_HOME.to_owned());
+
+    let container = Container {
+        name: "server".into(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: spec.image_pull_policy.map(|p| format!("{p:?}")),
+        working_dir,
+        ports: Some(container_ports),
+        env: Some(env_vars),
+        volume_mounts: Some(mounts),
+        resources: spec.resources.clone(),
+        // Servers take minutes to start (MSR's chart allows 30 minutes);
+        // liveness only counts once startup has passed.
+        startup_probe: Some(Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::String("primary".into()),
+                host: None,
+            }),
+            period_seconds: Some(10),
+            failure_threshold: Some(180),
+            ..Probe::default()
+        }),
+        readiness_probe: Some(probe(&facts.readiness, 15, 3)),
+        liveness_probe: Some(probe(&facts.liveness, 15, 4)),
+        security_context: Some(SecurityContext {
+            allow_privilege_escalation: Some(false),
+            capabilities: Some(Capabilities {
+                drop: Some(vec!["ALL".into()]),
+                add: None,
+            }),
+            ..SecurityContext::default()
+        }),
+        ..Container::default()
+    };
+
+    Pod {
+        metadata: meta,
+        spec: Some(PodSpec {
+            hostname: Some(member.name.clone()),
+            subdomain: Some(naming::admin_service(&cluster)),
+            readiness_gates: Some(vec![PodReadinessGate {
+                condition_type: ONLINE_CONDITION.into(),
+            }]),
+            containers: vec![container],
+            volumes: Some(volumes),
+            security_context: Some(PodSecurityContext {
+                run_as_non_root: Some(true),
+                run_as_user: facts.user,
+                fs_group: facts.user,
+                seccomp_profile: Some(SeccompProfile {
+                    type_: "RuntimeDefault".into(),
+                    localhost_profile: None,
+                }),
+                ..PodSecurityContext::default()
+            }),
+            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+                max_skew: 1,
+                topology_key: "kubernetes.io/hostname".into(),
+                when_unsatisfiable: "ScheduleAnyway".into(),
+                label_selector: Some(LabelSelector {
+                    match_labels: Some(server_selector(ic)),
+                    ..LabelSelector::default()
+                }),
+                ..TopologySpreadConstraint::default()
+            }]),
+            termination_grace_period_seconds: Some(120),
+            ..PodSpec::default()
+        }),
+        status: None,
+    }
+}
+
+/// The digests a pod was created with, and its server image now (a hand
+/// edit of the image is drift too).
+pub fn digests_of(pod: &Pod) -> (Option<&str>, Option<&str>, Option<&str>) {
+    let annotation = |key: &str| {
+        pod.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(key))
+            .map(String::as_str)
+    };
+    let image = pod
+        .spec
+        .as_ref()
+        .and_then(|s| s.containers.iter().find(|c| c.name == "server"))
+        .and_then(|c| c.image.as_deref());
+    (
+        annotation(annotations::CONFIG_DIGEST),
+        annotation(annotations::PACKAGES_DIGEST),
+        image,
+    )
+}
+
+fn condition_true(pod: &Pod, type_: &str) -> bool {
+    pod.status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == type_ && c.status == "True"))
+}
+
+/// The pod is Ready (its containers are and its online gate is True).
+pub fn is_ready(pod: &Pod) -> bool {
+    condition_true(pod, "Ready")
+}
+
+/// The operator has set the node online.
+pub fn is_online(pod: &Pod) -> bool {
+    condition_true(pod, ONLINE_CONDITION)
+}
+
+/// The server containers run and pass readiness: the node could go online.
+pub fn containers_ready(pod: &Pod) -> bool {
+    condition_true(pod, "ContainersReady")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::validation;
+
+    fn sample(file: &str) -> IntegrationCluster {
+        let path = format!("{}/manifests/samples/{file}", env!("CARGO_MANIFEST_DIR"));
+        let mut ic: IntegrationCluster =
+            serde_saphyr::from_str(&std::fs::read_to_string(path).expect("sample"))
+                .expect("parses");
+        ic.metadata.namespace = Some("prod".into());
+        ic.metadata.uid = Some("uid-1".into());
+        ic
+    }
+
+    fn first_pod(file: &str) -> Pod {
+        let ic = sample(file);
+        let cluster = validation::validate(&ic, &[]).expect("valid");
+        let rendered = render::render(&ic, &cluster);
+        pod(&ic, &rendered, &cluster.members[0])
+    }
+
+    #[test]
+    fn a_server_pod_is_gated_owned_labelled_and_stamped() {
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        assert_eq!(pod.metadata.name.as_deref(), Some("orders-0"));
+        let spec = pod.spec.as_ref().expect("spec");
+        assert_eq!(
+            spec.readiness_gates.as_ref().expect("gates")[0].condition_type,
+            ONLINE_CONDITION
+        );
+        let owner = &pod.metadata.owner_references.as_ref().expect("owner")[0];
+        assert_eq!(
+            (owner.kind.as_str(), owner.controller),
+            ("IntegrationCluster", Some(true))
+        );
+        let labels = pod.metadata.labels.as_ref().expect("labels");
+        assert_eq!(
+            labels.get(labels::NODE).map(String::as_str),
+            Some("orders-0")
+        );
+        assert_eq!(
+            labels.get(labels::MANAGED_BY).map(String::as_str),
+            Some("integration-operator")
+        );
+        let (config, packages, image) = digests_of(&pod);
+        assert_eq!(config.map(str::len), Some(16));
+        assert_eq!(packages.map(str::len), Some(16));
+        assert_eq!(image, Some("registry.example.com/webmethods/msr:10.15"));
+    }
+
+    #[test]
+    fn webmethods_reads_its_cluster_and_node_files() {
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        let c = &pod.spec.as_ref().expect("spec").containers[0];
+        let env = c.env.as_ref().expect("env");
+        let props = env
+            .iter()
+            .find(|e| e.name == "SAG_IS_CONFIG_PROPERTIES")
+            .and_then(|e| e.value.as_deref());
+        assert_eq!(
+            props,
+            Some(
+                "/etc/integration/config/application.properties,/etc/integration/config/node-$(POD_NAME).properties"
+            )
+        );
+        let readiness = c.readiness_probe.as_ref().and_then(|p| p.http_get.as_ref());
+        assert_eq!(
+            readiness.and_then(|h| h.path.as_deref()),
+            Some("/health/readiness")
+        );
+    }
+
+    #[test]
+    fn the_pod_runs_restricted() {
+        let pod = first_pod("wso2-carbon.yaml");
+        let spec = pod.spec.as_ref().expect("spec");
+        let psc = spec.security_context.as_ref().expect("pod security");
+        assert_eq!(psc.run_as_non_root, Some(true));
+        let csc = spec.containers[0]
+            .security_context
+            .as_ref()
+            .expect("container security");
+        assert_eq!(csc.allow_privilege_escalation, Some(false));
+        assert_eq!(spec.subdomain.as_deref(), Some("identity-admin"));
+    }
+
+    #[test]
+    fn storage_mounts_the_node_claim() {
+        let pod = first_pod("generic.yaml");
+        let volumes = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.volumes.clone())
+            .expect("volumes");
+        let claim = volumes
+            .iter()
+            .find_map(|v| v.persistent_volume_claim.as_ref())
+            .map(|c| c.claim_name.as_str());
+        assert_eq!(claim, Some("data-catalog-0"));
+    }
+}
