@@ -91,7 +91,7 @@ pub fn validate(
     let cluster_name = naming::cluster_name(spec.cluster_name.as_deref(), name, namespace);
     let mut problems = Vec::new();
 
-    let ordinals = member_ordinals(cluster);
+    let ordinals = known_ordinals(cluster);
     let is_member =
         |node: &str| naming::node_ordinal(name, node).is_some_and(|o| ordinals.contains(&o));
     let member_list = || {
@@ -132,9 +132,9 @@ pub fn validate(
         }
     }
 
-    let members: Vec<Member> = ordinals
-        .iter()
-        .map(|&ordinal| {
+    let replicas = u32::try_from(spec.replicas).unwrap_or(0);
+    let members: Vec<Member> = (0..replicas)
+        .map(|ordinal| {
             let node = naming::node_name(name, ordinal);
             let logical_hostname = spec
                 .server
@@ -175,9 +175,9 @@ pub fn validate(
     }
 }
 
-/// Ordinals of the nodes that belong to the cluster: 0..replicas plus any
-/// node status still tracks (a removed node can be added back).
-fn member_ordinals(cluster: &IntegrationCluster) -> BTreeSet<u32> {
+/// Ordinals of the nodes a spec may name: the members 0..replicas plus any
+/// node status still tracks (a leaving or removed node).
+fn known_ordinals(cluster: &IntegrationCluster) -> BTreeSet<u32> {
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
     let replicas = u32::try_from(cluster.spec.replicas).unwrap_or(0);
     let mut ordinals: BTreeSet<u32> = (0..replicas).collect();

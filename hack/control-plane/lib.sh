@@ -21,7 +21,9 @@ ETCD_PEER_PORT="${ETCD_PEER_PORT:-2380}"
 KCM_PORT="${KCM_PORT:-10257}"
 SCHED_PORT="${SCHED_PORT:-10259}"
 KWOK_PORT="${KWOK_PORT:-10247}"
-PG_PORT="${PG_PORT:-55432}"
+# Below the ephemeral port range (32768+), where the plane's own client
+# connections would sometimes hold the port.
+PG_PORT="${PG_PORT:-15432}"
 
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 die() { printf '[control-plane] error: %s\n' "$*" >&2; exit 1; }

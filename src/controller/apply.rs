@@ -2,7 +2,7 @@
 //! with server-side apply only when the desired fields differ from what the
 //! server holds, so a settled cluster costs no writes.
 
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -183,7 +183,14 @@ pub async fn execute(
                 } else {
                     ("Replacing", format!("Replacing {node}: {reason}"))
                 };
-                publish(ctx, ic, EventType::Normal, event_reason, note).await;
+                let pod = ObjectReference {
+                    api_version: Some("v1".into()),
+                    kind: Some("Pod".into()),
+                    name: Some(node.clone()),
+                    namespace: Some(ns.clone()),
+                    ..ObjectReference::default()
+                };
+                publish_about(ctx, ic, EventType::Normal, event_reason, note, Some(pod)).await;
             }
             Action::DeleteClaim { name } => {
                 ignore_missing(
@@ -256,12 +263,26 @@ pub async fn publish(
     reason: &str,
     note: String,
 ) {
+    publish_about(ctx, ic, type_, reason, note, None).await;
+}
+
+/// Publishes an Event about the cluster and a related object. Events with
+/// the same reason about different objects stay separate Events instead of
+/// being folded into one series.
+pub async fn publish_about(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    type_: EventType,
+    reason: &str,
+    note: String,
+    related: Option<ObjectReference>,
+) {
     let event = Event {
         type_,
         reason: reason.into(),
         note: Some(truncate(&note, 1000)),
         action: "Reconcile".into(),
-        secondary: None,
+        secondary: related,
     };
     if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
         tracing::warn!(cluster = %ic.name_any(), error = %e, "publishing event failed");
