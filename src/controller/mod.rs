@@ -10,7 +10,8 @@ mod conditions;
 mod plan;
 mod status;
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
@@ -92,6 +93,22 @@ pub struct Context {
     pub recorder: Recorder,
     /// Every IntegrationCluster the controller watches, for cross-cluster checks.
     pub store: Store<IntegrationCluster>,
+    /// Consecutive failed reconciles per cluster, for the retry backoff.
+    pub failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    fn key(ic: &IntegrationCluster) -> String {
+        format!("{}/{}", ic.namespace().unwrap_or_default(), ic.name_any())
+    }
+}
+
+/// Retry delay after `failures` consecutive failures: 5 s doubling to 5 min.
+pub fn backoff(failures: u32) -> Duration {
+    let seconds = RETRY
+        .as_secs()
+        .saturating_mul(1 << failures.saturating_sub(1).min(6));
+    Duration::from_secs(seconds.min(300))
 }
 
 /// Where the controller looks for IntegrationClusters.
@@ -166,6 +183,7 @@ pub async fn run(client: Client, scope: Scope) {
         client: client.clone(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
         store: controller.store(),
+        failures: Mutex::default(),
     });
     info!(?scope, "controller started");
     controller
@@ -197,14 +215,56 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
     let api: Api<IntegrationCluster> = Api::namespaced(ctx.client.clone(), &namespace);
-    finalizer(&api, FINALIZER, ic, |event| async {
+    let result = finalizer(&api, FINALIZER, ic.clone(), |event| async {
         match event {
             FinalizerEvent::Apply(ic) => reconcile_cluster(&ic, &ctx).await,
             FinalizerEvent::Cleanup(ic) => cleanup(&ic, &ctx).await,
         }
     })
     .await
-    .map_err(|e| Error::Finalizer(Box::new(e)))
+    .map_err(|e| Error::Finalizer(Box::new(e)));
+    record_outcome(&ctx, &ic, result.is_ok());
+    if let Err(e) = &result {
+        report_error(&ctx, &ic, e).await;
+    }
+    result
+}
+
+fn record_outcome(ctx: &Context, ic: &IntegrationCluster, ok: bool) {
+    let mut failures = ctx
+        .failures
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if ok {
+        failures.remove(&Context::key(ic));
+    } else {
+        *failures.entry(Context::key(ic)).or_default() += 1;
+    }
+}
+
+/// A failed reconcile is visible in status: Degraded=True with the error,
+/// until a reconcile succeeds and computes Degraded again.
+async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
+    let current = ic.status.clone().unwrap_or_default();
+    let message = format!("{error}");
+    let already = conditions::find(&current.conditions, condition::DEGRADED)
+        .is_some_and(|c| c.reason == "ReconcileError" && c.message == message);
+    if already || matches!(error, Error::WriteStatus { .. }) {
+        return;
+    }
+    let decided = conditions::Desired::new(condition::DEGRADED, true, "ReconcileError", message);
+    let desired = IntegrationClusterStatus {
+        conditions: conditions::merge(
+            &current.conditions,
+            &[decided],
+            ic.metadata.generation,
+            Timestamp::now(),
+        ),
+        ..current.clone()
+    };
+    if let Err(e) = write_status(ctx, ic, &current, &desired).await {
+        warn!(name = %ic.name_any(), error = %e, "reporting the reconcile error in status failed");
+    }
 }
 
 /// observe → validate → render → plan → apply → status.
@@ -335,7 +395,23 @@ async fn cleanup(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error
     Ok(Action::await_change())
 }
 
-fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, _ctx: Arc<Context>) -> Action {
-    warn!(name = %ic.name_any(), category = error.category(), %error, "will retry");
-    Action::requeue(RETRY)
+fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx
+        .failures
+        .lock()
+        .map_or(1, |f| f.get(&Context::key(&ic)).copied().unwrap_or(1));
+    let delay = backoff(failures);
+    warn!(name = %ic.name_any(), category = error.category(), %error, failures, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retries_back_off_to_five_minutes() {
+        let delays: Vec<u64> = (1..=9).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(delays, [5, 10, 20, 40, 80, 160, 300, 300, 300]);
+    }
 }

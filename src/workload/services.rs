@@ -75,12 +75,16 @@ pub fn config_map(ic: &IntegrationCluster, rendered: &Rendered) -> ConfigMap {
 
 /// Limits voluntary evictions (node drains) to the rollout budget. The
 /// operator deletes pods itself rather than evicting them, so the budget
-/// never blocks its own rolling replacement.
+/// never blocks its own rolling replacement. An integer minAvailable,
+/// because the disruption controller can compute a maxUnavailable budget
+/// only for owners with a scale subresource.
 pub fn disruption_budget(ic: &IntegrationCluster) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: owned_meta(ic, name(ic).to_owned(), "server"),
         spec: Some(PodDisruptionBudgetSpec {
-            max_unavailable: Some(IntOrString::Int(ic.spec.rollout.max_unavailable)),
+            min_available: Some(IntOrString::Int(
+                (ic.spec.replicas - ic.spec.rollout.max_unavailable).max(0),
+            )),
             selector: Some(LabelSelector {
                 match_labels: Some(server_selector(ic)),
                 ..LabelSelector::default()
