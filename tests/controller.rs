@@ -18,21 +18,6 @@ fn validated(status: &IntegrationClusterStatus) -> Option<&Condition> {
     status.conditions.iter().find(|c| c.type_ == "Validated")
 }
 
-/// Waits until the operator has looked at the current generation and its
-/// status satisfies `accept`.
-async fn status_when(
-    api: &Api<IntegrationCluster>,
-    name: &str,
-    accept: impl Fn(&IntegrationClusterStatus) -> bool,
-) -> IntegrationClusterStatus {
-    wait_until(WAIT, &format!("status of {name}"), || async {
-        let ic = api.get(name).await.ok()?;
-        let status = ic.status?;
-        (status.observed_generation == ic.metadata.generation && accept(&status)).then_some(status)
-    })
-    .await
-}
-
 #[tokio::test]
 async fn a_valid_cluster_gets_observed_generation_and_validated_true() {
     let client = admin().await;
@@ -46,7 +31,7 @@ async fn a_valid_cluster_gets_observed_generation_and_validated_true() {
     create_yaml(&client, &ns, &sample).await.expect("create");
     let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
 
-    let status = status_when(&api, "orders", |s| validated(s).is_some()).await;
+    let status = status_when(&api, "orders", "status", |s| validated(s).is_some()).await;
     let condition = validated(&status).expect("Validated");
     assert_eq!(condition.status, "True", "{condition:?}");
     assert_eq!(condition.reason, "Valid");
@@ -66,7 +51,10 @@ async fn a_valid_cluster_gets_observed_generation_and_validated_true() {
     )
     .await
     .expect("scale");
-    let later = status_when(&api, "orders", |s| s.observed_generation == Some(2)).await;
+    let later = status_when(&api, "orders", "status", |s| {
+        s.observed_generation == Some(2)
+    })
+    .await;
     let later_condition = validated(&later).expect("Validated");
     assert_eq!(later_condition.observed_generation, Some(2));
     assert_eq!(
@@ -90,7 +78,7 @@ async fn what_cel_cannot_refuse_is_reported_with_a_reason_and_an_event() {
         .expect("CEL accepts it");
     let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
 
-    let status = status_when(&api, "orders", |s| validated(s).is_some()).await;
+    let status = status_when(&api, "orders", "status", |s| validated(s).is_some()).await;
     let condition = validated(&status).expect("Validated");
     assert_eq!(condition.status, "False");
     assert_eq!(condition.reason, "UnknownNode");
@@ -128,7 +116,7 @@ async fn what_cel_cannot_refuse_is_reported_with_a_reason_and_an_event() {
     )
     .await
     .expect("scale up so orders-7 exists");
-    let fixed = status_when(&api, "orders", |s| {
+    let fixed = status_when(&api, "orders", "status", |s| {
         validated(s).is_some_and(|c| c.status == "True")
     })
     .await;
@@ -157,7 +145,7 @@ async fn a_cluster_name_clash_on_a_shared_cache_refuses_the_newer_cluster() {
         .await
         .expect("first");
     let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
-    status_when(&api, "first", |s| {
+    status_when(&api, "first", "status", |s| {
         validated(s).is_some_and(|c| c.status == "True")
     })
     .await;
@@ -166,7 +154,7 @@ async fn a_cluster_name_clash_on_a_shared_cache_refuses_the_newer_cluster() {
         .await
         .expect("second");
 
-    let status = status_when(&api, "second", |s| validated(s).is_some()).await;
+    let status = status_when(&api, "second", "status", |s| validated(s).is_some()).await;
     let condition = validated(&status).expect("Validated");
     assert_eq!(
         (condition.status.as_str(), condition.reason.as_str()),

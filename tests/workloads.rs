@@ -39,22 +39,6 @@ fn condition<'a>(status: &'a IntegrationClusterStatus, type_: &str) -> Option<&'
         .map(|c| c.status.as_str())
 }
 
-/// Waits for the operator to have seen the latest generation and `accept`
-/// its status.
-async fn status_when(
-    api: &Api<IntegrationCluster>,
-    name: &str,
-    what: &str,
-    accept: impl Fn(&IntegrationClusterStatus) -> bool,
-) -> IntegrationClusterStatus {
-    wait_until(WAIT, &format!("{name}: {what}"), || async {
-        let ic = api.get(name).await.ok()?;
-        let status = ic.status?;
-        (status.observed_generation == ic.metadata.generation && accept(&status)).then_some(status)
-    })
-    .await
-}
-
 async fn ready(api: &Api<IntegrationCluster>, name: &str) -> IntegrationClusterStatus {
     status_when(api, name, "phase Ready", |s| s.phase == Some(Phase::Ready)).await
 }
@@ -111,6 +95,14 @@ struct Setup {
     ns: String,
     api: Api<IntegrationCluster>,
     _operator: Operator,
+}
+
+impl Setup {
+    async fn create(&self, yaml: &str) {
+        create_yaml(&self.client, &self.ns, yaml)
+            .await
+            .expect("create cluster");
+    }
 }
 
 async fn setup(prefix: &str) -> Setup {
@@ -230,9 +222,7 @@ async fn each_profile_comes_up_ready_with_all_its_objects() {
 #[tokio::test]
 async fn a_property_change_rolls_one_node_at_a_time() {
     let s = setup("rolling").await;
-    create_yaml(&s.client, &s.ns, &generic("c", 3, ""))
-        .await
-        .expect("create");
+    s.create(&generic("c", 3, "")).await;
     let before = ready(&s.api, "c").await;
     let old_uids = uids(&server_pods(&s.client, &s.ns, "c").await);
 
@@ -286,9 +276,7 @@ async fn a_property_change_rolls_one_node_at_a_time() {
 #[tokio::test]
 async fn a_hand_edited_pod_is_detected_and_replaced() {
     let s = setup("handedit").await;
-    create_yaml(&s.client, &s.ns, &generic("c", 3, ""))
-        .await
-        .expect("create");
+    s.create(&generic("c", 3, "")).await;
     ready(&s.api, "c").await;
     let pods: Api<Pod> = Api::namespaced(s.client.clone(), &s.ns);
     let old = pods.get("c-1").await.expect("pod");
@@ -325,13 +313,12 @@ async fn a_hand_edited_pod_is_detected_and_replaced() {
 #[tokio::test]
 async fn a_node_that_never_becomes_ready_stalls_the_rollout() {
     let s = setup("stall").await;
-    create_yaml(
-        &s.client,
-        &s.ns,
-        &generic("c", 3, "  rollout: {progressDeadlineSeconds: 5}\n"),
-    )
-    .await
-    .expect("create");
+    s.create(&generic(
+        "c",
+        3,
+        "  rollout: {progressDeadlineSeconds: 5}\n",
+    ))
+    .await;
     ready(&s.api, "c").await;
     let old_uids = uids(&server_pods(&s.client, &s.ns, "c").await);
     // kwok never makes pods labelled sim=broken Ready: a bad image, in effect.
@@ -382,9 +369,7 @@ async fn a_node_that_never_becomes_ready_stalls_the_rollout() {
 #[tokio::test]
 async fn pause_holds_workload_changes_but_reports_them() {
     let s = setup("pause").await;
-    create_yaml(&s.client, &s.ns, &generic("c", 3, ""))
-        .await
-        .expect("create");
+    s.create(&generic("c", 3, "")).await;
     ready(&s.api, "c").await;
     let old_uids = uids(&server_pods(&s.client, &s.ns, "c").await);
     patch_spec(
@@ -421,9 +406,7 @@ async fn pause_holds_workload_changes_but_reports_them() {
 #[tokio::test]
 async fn scaling_three_to_five_to_two() {
     let s = setup("scale").await;
-    create_yaml(&s.client, &s.ns, &generic("c", 3, ""))
-        .await
-        .expect("create");
+    s.create(&generic("c", 3, "")).await;
     ready(&s.api, "c").await;
     patch_spec(&s.api, "c", json!({"replicas": 5})).await;
     let five = ready(&s.api, "c").await;
@@ -460,20 +443,10 @@ async fn scaling_three_to_five_to_two() {
 #[tokio::test]
 async fn deletion_keeps_volumes_with_retain_and_removes_them_with_delete() {
     let s = setup("delete").await;
-    create_yaml(
-        &s.client,
-        &s.ns,
-        &generic("keep", 2, "  deletionPolicy: Retain\n"),
-    )
-    .await
-    .expect("create");
-    create_yaml(
-        &s.client,
-        &s.ns,
-        &generic("drop", 2, "  deletionPolicy: Delete\n"),
-    )
-    .await
-    .expect("create");
+    s.create(&generic("keep", 2, "  deletionPolicy: Retain\n"))
+        .await;
+    s.create(&generic("drop", 2, "  deletionPolicy: Delete\n"))
+        .await;
     ready(&s.api, "keep").await;
     ready(&s.api, "drop").await;
     for name in ["keep", "drop"] {
@@ -527,9 +500,7 @@ async fn deletion_keeps_volumes_with_retain_and_removes_them_with_delete() {
 #[tokio::test]
 async fn a_settled_cluster_costs_no_writes() {
     let s = setup("steady").await;
-    create_yaml(&s.client, &s.ns, &generic("c", 3, ""))
-        .await
-        .expect("create");
+    s.create(&generic("c", 3, "")).await;
     ready(&s.api, "c").await;
     // Let the last watch events of the settling cluster arrive.
     tokio::time::sleep(Duration::from_secs(2)).await;

@@ -9,7 +9,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use integration_operator::api::IntegrationCluster;
+use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
@@ -208,6 +208,27 @@ pub async fn create_yaml(
     dynamic_api(client, namespace)
         .create(&PostParams::default(), &obj)
         .await
+}
+
+/// Waits until the operator has seen the cluster's current generation and
+/// its status satisfies `accept`.
+pub async fn status_when(
+    api: &Api<IntegrationCluster>,
+    name: &str,
+    what: &str,
+    accept: impl Fn(&IntegrationClusterStatus) -> bool,
+) -> IntegrationClusterStatus {
+    wait_until(
+        Duration::from_secs(60),
+        &format!("{name}: {what}"),
+        || async {
+            let ic = api.get(name).await.ok()?;
+            let status = ic.status?;
+            (status.observed_generation == ic.metadata.generation && accept(&status))
+                .then_some(status)
+        },
+    )
+    .await
 }
 
 /// Polls `probe` until it returns `Some`, or panics after `timeout`.
