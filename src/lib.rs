@@ -5,11 +5,14 @@
 //! - [`naming`]: cluster, node and logical host names.
 //! - [`validation`]: the checks the API server cannot make.
 //! - [`controller`]: the reconcile pipeline.
+//! - [`render`], [`workload`]: configuration and the objects built from it.
+//! - [`plugin`]: the pure parts of `kubectl integration`.
 //! - [`telemetry`]: logging setup.
 
 pub mod api;
 pub mod controller;
 pub mod naming;
+pub mod plugin;
 pub mod render;
 pub mod telemetry;
 pub mod validation;

@@ -133,7 +133,7 @@ async fn each_profile_comes_up_ready_with_all_its_objects() {
     }
     for (name, replicas, claims, config_key) in [
         ("orders", 3, false, "application.properties"),
-        ("identity", 2, false, "deployment.toml"),
+        ("identity", 3, false, "deployment.toml"),
         ("catalog", 3, true, "server.properties"),
     ] {
         let status = ready(&s.api, name).await;
