@@ -98,10 +98,18 @@ fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
-fn age_seconds(pod: &Pod, now: Timestamp) -> i64 {
-    pod.metadata
-        .creation_timestamp
+/// Seconds the pod has not been Ready: since its Ready condition last
+/// turned False, or since it was created if it never was Ready. A node that
+/// was Ready for days and fails one probe is not stalled at once.
+fn unready_seconds(pod: &Pod, now: Timestamp) -> i64 {
+    let ready_since = pod
+        .status
         .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status != "True"))
+        .and_then(|c| c.last_transition_time.as_ref());
+    ready_since
+        .or(pod.metadata.creation_timestamp.as_ref())
         .map_or(0, |t| now.as_second() - t.0.as_second())
 }
 
@@ -246,11 +254,11 @@ pub fn plan(
                     online: true,
                 });
                 view.message = Some("server ready: bringing the node online".into());
-            } else if age_seconds(pod, observed.now) > deadline {
+            } else if unready_seconds(pod, observed.now) > deadline {
                 let why = format!(
-                    "{} is not Ready {}s after it was created (rollout.progressDeadlineSeconds is {deadline})",
+                    "{} is not Ready for {}s (rollout.progressDeadlineSeconds is {deadline})",
                     member.name,
-                    age_seconds(pod, observed.now)
+                    unready_seconds(pod, observed.now)
                 );
                 plan.stalled.get_or_insert(why.clone());
                 view.message = Some(why);
@@ -536,6 +544,28 @@ mod tests {
             late.actions.is_empty(),
             "never roll through a broken node: {:?}",
             kinds(&late)
+        );
+    }
+
+    #[test]
+    fn a_long_lived_node_that_just_failed_a_probe_is_not_stalled() {
+        let ic = cluster("");
+        let mut observed = pods(&ic, true, true);
+        if let Some(ready) = observed[1]
+            .status
+            .as_mut()
+            .and_then(|s| s.conditions.as_mut())
+            .and_then(|cs| cs.iter_mut().find(|c| c.type_ == "Ready"))
+        {
+            ready.status = "False".into();
+            ready.last_transition_time = Some(Time(at(1000)));
+        }
+        let claims = claims(&ic, &["c-0", "c-1", "c-2"]);
+        assert!(run(&ic, &observed, &claims, 1010).stalled.is_none());
+        let stalled = run(&ic, &observed, &claims, 1061).stalled;
+        assert_eq!(
+            stalled.as_deref(),
+            Some("c-1 is not Ready for 61s (rollout.progressDeadlineSeconds is 60)")
         );
     }
 
