@@ -16,4 +16,5 @@ pub mod plugin;
 pub mod render;
 pub mod telemetry;
 pub mod validation;
+pub mod workflows;
 pub mod workload;

@@ -329,6 +329,13 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     }
 
     // apply
+    for node in &plan.forced {
+        let note = format!(
+            "{node}: drain timeout overridden by the {} annotation",
+            plan::FORCE_ANNOTATION
+        );
+        apply::publish(ctx, ic, EventType::Warning, "ForcedRemoval", note).await;
+    }
     apply::execute(ctx, ic, &plan.actions).await?;
     info!(%namespace, %name, actions = plan.actions.len(), "reconciled");
 

@@ -16,7 +16,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::api::{DeletionPolicy, IntegrationCluster, NodeState};
+use crate::api::{DeletionPolicy, IntegrationCluster, NodeState, NodeStatus};
+use crate::workflows::{self, Facts, Intent, PodFacts, Step};
+use kube::ResourceExt;
+
+/// Nodes (comma-separated) whose workflow may pass its safety stops: the
+/// drain timeout of a removal, or taking the last online node offline.
+pub const FORCE_ANNOTATION: &str = "integration.dev/force";
 use crate::naming;
 use crate::render::Rendered;
 use crate::validation::ValidatedCluster;
@@ -71,6 +77,10 @@ pub struct Plan {
     pub nodes: Vec<NodeView>,
     pub ready: i32,
     pub online: i32,
+    /// Nodes the spec wants online (members not offline or removed).
+    pub expected: i32,
+    /// Nodes whose drain timeout was overridden by the force annotation.
+    pub forced: Vec<String>,
     /// Member pods that are not Ready yet but still within the deadline.
     pub starting: i32,
 }
@@ -190,37 +200,146 @@ pub fn plan(
         }
     }
 
-    // Members: create what is missing, bring healthy nodes online.
+    // Members: each node's workflow (create, online, offline, remove, add
+    // back) decides its next step; drift and readiness feed the rollout.
+    let nodes_spec = spec.nodes.clone().unwrap_or_default();
+    let intent_of = |node: &str| {
+        if nodes_spec.remove.iter().any(|n| n == node) {
+            Intent::Remove
+        } else if nodes_spec.offline.iter().any(|n| n == node) {
+            Intent::Offline
+        } else {
+            Intent::Online
+        }
+    };
+    let previous: BTreeMap<&str, &NodeStatus> = ic
+        .status
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .map(|n| (n.name.as_str(), n))
+        .collect();
+    let forced: BTreeSet<&str> = ic
+        .annotations()
+        .get(FORCE_ANNOTATION)
+        .map(|v| v.split(',').map(str::trim).collect())
+        .unwrap_or_default();
+    let mut slots_used = cluster
+        .members
+        .iter()
+        .filter(|m| {
+            previous
+                .get(m.name.as_str())
+                .is_some_and(|n| workflows::holds_slot(n.state))
+        })
+        .count();
+    let mut online_now: BTreeSet<&str> = cluster
+        .members
+        .iter()
+        .filter(|m| {
+            pods.get(m.name.as_str())
+                .is_some_and(|p| workload::is_online(p))
+        })
+        .map(|m| m.name.as_str())
+        .collect();
+
     let mut unavailable = 0;
     let mut candidates: Vec<(u32, String)> = Vec::new();
     let mut broken_drifted: Vec<String> = Vec::new();
     for member in &cluster.members {
+        let intent = intent_of(&member.name);
+        let before = previous.get(member.name.as_str());
+        let pod = pods.get(member.name.as_str()).copied();
+        let pod_facts = match pod {
+            None => PodFacts::Absent,
+            Some(p) if terminating(p) => PodFacts::Terminating,
+            Some(p) => PodFacts::Present {
+                containers_ready: workload::containers_ready(p),
+                online: workload::is_online(p),
+                ready: workload::is_ready(p),
+            },
+        };
+        let holds = before.is_some_and(|n| workflows::holds_slot(n.state));
+        let facts = Facts {
+            pod: pod_facts,
+            in_state_seconds: before
+                .and_then(|n| n.since.as_ref())
+                .map_or(0, |t| observed.now.as_second() - t.0.as_second()),
+            drain_timeout_seconds: i64::from(nodes_spec.drain_timeout_seconds),
+            force: forced.contains(member.name.as_str()),
+            slot_free: holds
+                || slots_used < usize::try_from(spec.rollout.max_unavailable).unwrap_or(1),
+            last_online: online_now.len() == 1 && online_now.contains(member.name.as_str()),
+        };
+        let mut decision = workflows::decide(&member.name, before.map(|n| n.state), intent, &facts);
+        let drifted = pod.and_then(|p| drift(p, rendered, &spec.image));
+        if drifted.is_some() {
+            // A drifted node is about to be replaced: never back online.
+            decision.steps.retain(|s| *s != Step::SetOnline(true));
+        }
+        if !holds && workflows::holds_slot(decision.state) {
+            slots_used += 1;
+        }
+        if decision.steps.contains(&Step::SetOnline(false)) {
+            online_now.remove(member.name.as_str());
+        }
+        if let Some(why) = &decision.stalled {
+            plan.stalled.get_or_insert(why.clone());
+        }
+        if decision.forced {
+            plan.forced.push(member.name.clone());
+        }
+        for step in &decision.steps {
+            match step {
+                Step::CreatePod => {
+                    if let Some(storage) = &spec.storage {
+                        let claim = naming::data_claim(&member.name);
+                        if !claims.contains(claim.as_str()) {
+                            plan.actions
+                                .push(Action::CreateClaim(Box::new(workload::data_claim(
+                                    ic,
+                                    &member.name,
+                                    storage,
+                                ))));
+                        }
+                    }
+                    plan.actions.push(Action::CreatePod(Box::new(workload::pod(
+                        ic, rendered, member,
+                    ))));
+                }
+                Step::SetOnline(online) => plan.actions.push(Action::SetOnline {
+                    node: member.name.clone(),
+                    online: *online,
+                }),
+                Step::DeletePod => {
+                    plan.actions.push(Action::DeletePod {
+                        node: member.name.clone(),
+                        reason: "removed".into(),
+                    });
+                    let claim = naming::data_claim(&member.name);
+                    if spec.deletion_policy == DeletionPolicy::Delete
+                        && claims.contains(claim.as_str())
+                    {
+                        plan.actions.push(Action::DeleteClaim { name: claim });
+                    }
+                }
+            }
+        }
         let mut view = NodeView {
             name: member.name.clone(),
-            state: NodeState::Pending,
+            state: decision.state,
             ready: false,
             config_digest: None,
             packages_digest: None,
             logical_hostname: Some(member.logical_hostname.clone()),
-            message: None,
+            message: Some(decision.message.clone()).filter(|m| !m.is_empty()),
         };
-        let Some(pod) = pods.get(member.name.as_str()) else {
-            unavailable += 1;
-            if let Some(storage) = &spec.storage {
-                let claim = naming::data_claim(&member.name);
-                if !claims.contains(claim.as_str()) {
-                    plan.actions
-                        .push(Action::CreateClaim(Box::new(workload::data_claim(
-                            ic,
-                            &member.name,
-                            storage,
-                        ))));
-                }
+        if intent == Intent::Online {
+            plan.expected += 1;
+        }
+        let Some(pod) = pod else {
+            if intent == Intent::Online {
+                unavailable += 1;
             }
-            plan.actions.push(Action::CreatePod(Box::new(workload::pod(
-                ic, rendered, member,
-            ))));
-            view.message = Some("creating the pod".into());
             plan.nodes.push(view);
             continue;
         };
@@ -228,50 +347,46 @@ pub fn plan(
         view.config_digest = config.map(str::to_owned);
         view.packages_digest = packages.map(str::to_owned);
         view.ready = workload::is_ready(pod);
-        let drifted = drift(pod, rendered, &spec.image);
-        if let Some(reason) = &drifted {
-            plan.drifted.insert(member.name.clone(), reason.clone());
-        }
-        if terminating(pod) {
-            unavailable += 1;
-            view.message = Some("pod terminating".into());
-        } else if view.ready {
+        if view.ready {
             plan.ready += 1;
             if workload::is_online(pod) {
                 plan.online += 1;
-                view.state = NodeState::Online;
-            }
-            if drifted.is_some() {
-                candidates.push((member.ordinal, member.name.clone()));
-            }
-        } else {
-            unavailable += 1;
-            if drifted.is_some() {
-                broken_drifted.push(member.name.clone());
-            } else if workload::containers_ready(pod) && !workload::is_online(pod) {
-                plan.actions.push(Action::SetOnline {
-                    node: member.name.clone(),
-                    online: true,
-                });
-                view.message = Some("server ready: bringing the node online".into());
-            } else if unready_seconds(pod, observed.now) > deadline {
-                let why = format!(
-                    "{} is not Ready for {}s (rollout.progressDeadlineSeconds is {deadline})",
-                    member.name,
-                    unready_seconds(pod, observed.now)
-                );
-                plan.stalled.get_or_insert(why.clone());
-                view.message = Some(why);
-            } else {
-                plan.starting += 1;
-                view.message = Some("waiting for the server to become ready".into());
             }
         }
         if let Some(reason) = &drifted {
+            plan.drifted.insert(member.name.clone(), reason.clone());
             view.message = Some(format!("drifted: {reason}"));
+        }
+        // Only nodes meant to serve take part in the rollout; an offline
+        // or leaving node is replaced, if drifted, when it is not Ready.
+        let serving = intent == Intent::Online && !workflows::holds_slot(decision.state);
+        if terminating(pod) {
+            unavailable += usize::from(serving);
+        } else if view.ready {
+            if drifted.is_some() && serving {
+                candidates.push((member.ordinal, member.name.clone()));
+            }
+        } else {
+            unavailable += usize::from(serving);
+            if drifted.is_some() && intent != Intent::Remove {
+                broken_drifted.push(member.name.clone());
+            } else if serving && decision.steps.is_empty() {
+                let unready = unready_seconds(pod, observed.now);
+                if unready > deadline {
+                    let why = format!(
+                        "{} is not Ready for {unready}s (rollout.progressDeadlineSeconds is {deadline})",
+                        member.name
+                    );
+                    plan.stalled.get_or_insert(why.clone());
+                    view.message = Some(why);
+                } else {
+                    plan.starting += 1;
+                }
+            }
         }
         plan.nodes.push(view);
     }
+    let unavailable = i32::try_from(unavailable + slots_used).unwrap_or(i32::MAX);
 
     // Rolling replacement. A drifted node that is not Ready anyway is
     // replaced at once: that costs no availability. A Ready one needs a
@@ -632,6 +747,40 @@ mod tests {
         let observed = pods(&one, true, true);
         let plan = run(&one, &observed, &claims(&one, &["c-0", "c-1"]), 10);
         assert!(plan.actions.is_empty(), "{:?}", kinds(&plan));
+    }
+
+    #[test]
+    fn removals_beyond_max_unavailable_queue() {
+        let ic = cluster("deletionPolicy: Delete\nnodes: {remove: [c-1, c-2]}\n");
+        let plan = run(
+            &ic,
+            &pods(&ic, true, true),
+            &claims(&ic, &["c-0", "c-1", "c-2"]),
+            10,
+        );
+        assert_eq!(kinds(&plan), ["online c-1 false"]);
+        let queued = plan.nodes.iter().find(|n| n.name == "c-2").expect("c-2");
+        assert!(
+            queued
+                .message
+                .as_deref()
+                .is_some_and(|m| m.starts_with("queued"))
+        );
+    }
+
+    #[test]
+    fn a_drained_node_is_deleted_with_its_claim_under_delete() {
+        let ic = cluster("deletionPolicy: Delete\nnodes: {remove: [c-1]}\n");
+        let mut observed = pods(&ic, true, true);
+        set(&mut observed[1], true, false);
+        let plan = run(&ic, &observed, &claims(&ic, &["c-0", "c-1", "c-2"]), 10);
+        assert_eq!(kinds(&plan), ["delete c-1", "delete claim data-c-1"]);
+        let removed = run(&ic, &observed[..1], &claims(&ic, &["c-0"]), 10);
+        assert!(
+            !kinds(&removed).iter().any(|k| k.contains("c-1")),
+            "{:?}",
+            kinds(&removed)
+        );
     }
 
     #[test]

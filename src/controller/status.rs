@@ -6,7 +6,9 @@ use k8s_openapi::jiff::Timestamp;
 
 use super::conditions::{self, Desired};
 use super::plan::Plan;
-use crate::api::{IntegrationCluster, IntegrationClusterStatus, NodeStatus, Phase, condition};
+use crate::api::{
+    IntegrationCluster, IntegrationClusterStatus, NodeState, NodeStatus, Phase, condition,
+};
 use crate::render::Rendered;
 use crate::validation::{Problem, ValidatedCluster};
 
@@ -127,12 +129,19 @@ fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, P
         Some(why) => Desired::new(condition::STALLED, true, "NodeNotReady", why.clone()),
         None => Desired::new(condition::STALLED, false, "NotStalled", ""),
     };
-    let settled = plan.online == replicas
-        && plan.ready == replicas
+    let expected = plan.expected;
+    let settled = plan.online == expected
+        && plan.ready >= expected
         && plan.drifted.is_empty()
-        && plan.nodes.len() == usize::try_from(replicas).unwrap_or_default();
+        && plan.nodes.len() == usize::try_from(replicas).unwrap_or_default()
+        && plan.nodes.iter().all(|n| {
+            matches!(
+                n.state,
+                NodeState::Online | NodeState::Offline | NodeState::Removed
+            )
+        });
     let counts = format!(
-        "{}/{replicas} nodes online, {}/{replicas} ready",
+        "{}/{expected} nodes online, {}/{expected} ready",
         plan.online, plan.ready
     );
     let ready = if settled {
@@ -166,7 +175,7 @@ fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, P
     } else {
         Desired::new(condition::PROGRESSING, true, "Reconciling", counts.clone())
     };
-    let minimum = replicas - spec.rollout.max_unavailable;
+    let minimum = expected - spec.rollout.max_unavailable;
     let degraded = if plan.ready < minimum {
         Desired::new(
             condition::DEGRADED,

@@ -1,0 +1,409 @@
+//! Node workflows as a pure state machine: from the state status recorded,
+//! what the user asks for the node and what its pod shows, the next state
+//! and the steps that lead there. The state lives in `status.nodes[]`, so an
+//! operator restarted at any step decides the same thing again.
+//!
+//! - offline: gate False (client traffic stops) → the node is not Ready →
+//!   `Offline`;
+//! - online: gate True once the server is ready → `Online`;
+//! - remove: offline first, then the pod is deleted once traffic stopped →
+//!   `Removed`; past `nodes.drainTimeoutSeconds` it stalls unless forced;
+//! - add back: a removed node returns `Offline` (seed 003), then goes online
+//!   when the spec no longer keeps it offline.
+//!
+//! The in-pod agent (quiesce, in-flight work, guaranteed-delivery drain)
+//! will add its facts to [`PodFacts`]; until then "drained" means the node
+//! no longer gets client traffic.
+
+use crate::api::NodeState;
+
+/// What the spec asks for a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Intent {
+    Online,
+    Offline,
+    Remove,
+}
+
+/// What the node's pod shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PodFacts {
+    Absent,
+    Terminating,
+    Present {
+        /// The server's containers pass readiness.
+        containers_ready: bool,
+        /// The operator's online gate is True.
+        online: bool,
+        /// The pod is Ready (gets client traffic).
+        ready: bool,
+    },
+}
+
+/// Everything a decision depends on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Facts {
+    pub pod: PodFacts,
+    /// Seconds since the node entered its recorded state.
+    pub in_state_seconds: i64,
+    pub drain_timeout_seconds: i64,
+    /// An explicit force annotation names this node.
+    pub force: bool,
+    /// Another workflow slot is free (`rollout.maxUnavailable`), or this
+    /// node already holds one.
+    pub slot_free: bool,
+    /// Taking this node offline would leave no node online.
+    pub last_online: bool,
+}
+
+/// One change to the world.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Step {
+    SetOnline(bool),
+    CreatePod,
+    DeletePod,
+}
+
+/// The next state, the steps to take now, and what status should say.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Decision {
+    pub state: NodeState,
+    pub steps: Vec<Step>,
+    pub message: String,
+    /// Why the workflow cannot go on without help.
+    pub stalled: Option<String>,
+    /// The node spent its stall allowance and was forced on.
+    pub forced: bool,
+}
+
+fn decision(state: NodeState, steps: Vec<Step>, message: impl Into<String>) -> Decision {
+    Decision {
+        state,
+        steps,
+        message: message.into(),
+        stalled: None,
+        forced: false,
+    }
+}
+
+/// Whether a node in `state` holds a workflow slot.
+pub fn holds_slot(state: NodeState) -> bool {
+    matches!(state, NodeState::Draining | NodeState::Removing)
+}
+
+/// Decides the next step of `node` from its recorded `previous` state.
+pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &Facts) -> Decision {
+    use NodeState::*;
+    let was_removed = matches!(previous, Some(Removed | Removing));
+    match (intent, facts.pod) {
+        // Removal finished, or nothing to remove.
+        (Intent::Remove, PodFacts::Absent) => decision(Removed, vec![], "removed"),
+        (Intent::Remove, PodFacts::Terminating) => decision(Removing, vec![], "deleting the pod"),
+        (_, PodFacts::Terminating) => {
+            decision(previous.unwrap_or(Pending), vec![], "pod terminating")
+        }
+
+        // A removed node added back returns offline (seed 003).
+        (_, PodFacts::Absent) if was_removed => decision(
+            Offline,
+            vec![Step::CreatePod],
+            "added back: returns offline",
+        ),
+        (_, PodFacts::Absent) => decision(Pending, vec![Step::CreatePod], "creating the pod"),
+
+        (
+            Intent::Online,
+            PodFacts::Present {
+                containers_ready,
+                online,
+                ready,
+            },
+        ) => {
+            if online {
+                let state = if ready { Online } else { Pending };
+                let message = if ready {
+                    ""
+                } else {
+                    "waiting for the server to become ready"
+                };
+                decision(state, vec![], message)
+            } else if containers_ready {
+                decision(
+                    previous.filter(|s| *s == Offline).unwrap_or(Pending),
+                    vec![Step::SetOnline(true)],
+                    "server ready: bringing the node online",
+                )
+            } else {
+                decision(
+                    previous.filter(|s| *s == Offline).unwrap_or(Pending),
+                    vec![],
+                    "waiting for the server to become ready",
+                )
+            }
+        }
+
+        (Intent::Offline | Intent::Remove, PodFacts::Present { online, ready, .. }) => {
+            let removing = intent == Intent::Remove;
+            if online {
+                if facts.last_online && !facts.force {
+                    let why = format!(
+                        "{node} is the last online node; taking it offline needs the annotation integration.dev/force={node}"
+                    );
+                    return Decision {
+                        stalled: Some(why.clone()),
+                        ..decision(previous.unwrap_or(Online), vec![], why)
+                    };
+                }
+                if !facts.slot_free {
+                    return decision(
+                        previous.unwrap_or(Online),
+                        vec![],
+                        "queued: rollout.maxUnavailable nodes are already being drained",
+                    );
+                }
+                return decision(
+                    Draining,
+                    vec![Step::SetOnline(false)],
+                    "taking the node offline",
+                );
+            }
+            if ready {
+                return decision(Draining, vec![], "waiting for client traffic to stop");
+            }
+            if !removing {
+                return decision(
+                    Offline,
+                    vec![],
+                    "offline: no client traffic, reachable on the admin Service",
+                );
+            }
+            // Drained: no client traffic any more. The agent's in-flight and
+            // guaranteed-delivery counts will gate this step too; past the
+            // drain timeout only force continues.
+            let draining = matches!(previous, Some(Draining | Removing));
+            if draining && facts.in_state_seconds > facts.drain_timeout_seconds && !facts.force {
+                let why = format!(
+                    "{node} has not drained within nodes.drainTimeoutSeconds ({}s); annotate the cluster with integration.dev/force={node} to remove it anyway",
+                    facts.drain_timeout_seconds
+                );
+                return Decision {
+                    stalled: Some(why.clone()),
+                    ..decision(Removing, vec![], why)
+                };
+            }
+            Decision {
+                forced: facts.force,
+                ..decision(Removing, vec![Step::DeletePod], "drained: deleting the pod")
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use NodeState::*;
+
+    fn facts(pod: PodFacts) -> Facts {
+        Facts {
+            pod,
+            in_state_seconds: 0,
+            drain_timeout_seconds: 600,
+            force: false,
+            slot_free: true,
+            last_online: false,
+        }
+    }
+
+    const SERVING: PodFacts = PodFacts::Present {
+        containers_ready: true,
+        online: true,
+        ready: true,
+    };
+    const GATED_BUT_READY: PodFacts = PodFacts::Present {
+        containers_ready: true,
+        online: false,
+        ready: true,
+    };
+    const OFF: PodFacts = PodFacts::Present {
+        containers_ready: true,
+        online: false,
+        ready: false,
+    };
+    const STARTING: PodFacts = PodFacts::Present {
+        containers_ready: false,
+        online: false,
+        ready: false,
+    };
+
+    fn run(previous: Option<NodeState>, intent: Intent, f: Facts) -> (NodeState, Vec<Step>) {
+        let d = decide("n-1", previous, intent, &f);
+        (d.state, d.steps)
+    }
+
+    #[test]
+    fn online_brings_a_ready_server_online() {
+        assert_eq!(
+            run(None, Intent::Online, facts(PodFacts::Absent)),
+            (Pending, vec![Step::CreatePod])
+        );
+        assert_eq!(
+            run(Some(Pending), Intent::Online, facts(STARTING)),
+            (Pending, vec![])
+        );
+        assert_eq!(
+            run(Some(Pending), Intent::Online, facts(OFF)),
+            (Pending, vec![Step::SetOnline(true)])
+        );
+        assert_eq!(
+            run(Some(Pending), Intent::Online, facts(SERVING)),
+            (Online, vec![])
+        );
+        assert_eq!(
+            run(Some(Offline), Intent::Online, facts(OFF)),
+            (Offline, vec![Step::SetOnline(true)])
+        );
+    }
+
+    #[test]
+    fn offline_gates_first_then_waits_for_traffic_to_stop() {
+        assert_eq!(
+            run(Some(Online), Intent::Offline, facts(SERVING)),
+            (Draining, vec![Step::SetOnline(false)])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Offline, facts(GATED_BUT_READY)),
+            (Draining, vec![])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Offline, facts(OFF)),
+            (Offline, vec![])
+        );
+        assert_eq!(
+            run(Some(Offline), Intent::Offline, facts(OFF)),
+            (Offline, vec![])
+        );
+    }
+
+    #[test]
+    fn remove_goes_offline_first_then_deletes_then_is_removed() {
+        assert_eq!(
+            run(Some(Online), Intent::Remove, facts(SERVING)),
+            (Draining, vec![Step::SetOnline(false)])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Remove, facts(GATED_BUT_READY)),
+            (Draining, vec![])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Remove, facts(OFF)),
+            (Removing, vec![Step::DeletePod])
+        );
+        assert_eq!(
+            run(Some(Removing), Intent::Remove, facts(PodFacts::Terminating)),
+            (Removing, vec![])
+        );
+        assert_eq!(
+            run(Some(Removing), Intent::Remove, facts(PodFacts::Absent)),
+            (Removed, vec![])
+        );
+        assert_eq!(
+            run(Some(Removed), Intent::Remove, facts(PodFacts::Absent)),
+            (Removed, vec![])
+        );
+    }
+
+    #[test]
+    fn an_offline_node_is_removed_without_going_online() {
+        assert_eq!(
+            run(Some(Offline), Intent::Remove, facts(OFF)),
+            (Removing, vec![Step::DeletePod])
+        );
+    }
+
+    #[test]
+    fn a_drain_past_the_timeout_stalls_unless_forced() {
+        let late = Facts {
+            in_state_seconds: 601,
+            ..facts(OFF)
+        };
+        let d = decide("n-1", Some(Draining), Intent::Remove, &late);
+        assert_eq!(d.steps, vec![]);
+        assert!(
+            d.stalled
+                .as_deref()
+                .is_some_and(|s| s.contains("drainTimeoutSeconds (600s)"))
+        );
+        let forced = decide(
+            "n-1",
+            Some(Draining),
+            Intent::Remove,
+            &Facts {
+                force: true,
+                ..late
+            },
+        );
+        assert_eq!(forced.steps, vec![Step::DeletePod]);
+        assert!(forced.forced && forced.stalled.is_none());
+    }
+
+    #[test]
+    fn a_removed_node_added_back_returns_offline_then_online() {
+        assert_eq!(
+            run(Some(Removed), Intent::Offline, facts(PodFacts::Absent)),
+            (Offline, vec![Step::CreatePod])
+        );
+        assert_eq!(
+            run(Some(Removed), Intent::Online, facts(PodFacts::Absent)),
+            (Offline, vec![Step::CreatePod])
+        );
+        assert_eq!(
+            run(Some(Offline), Intent::Offline, facts(OFF)),
+            (Offline, vec![])
+        );
+        assert_eq!(
+            run(Some(Offline), Intent::Online, facts(OFF)),
+            (Offline, vec![Step::SetOnline(true)])
+        );
+    }
+
+    #[test]
+    fn the_last_online_node_stays_online_without_force() {
+        let last = Facts {
+            last_online: true,
+            ..facts(SERVING)
+        };
+        let d = decide("n-1", Some(Online), Intent::Offline, &last);
+        assert_eq!((d.state, d.steps.clone()), (Online, vec![]));
+        assert!(d.stalled.is_some_and(|s| s.contains("last online node")));
+        let forced = decide(
+            "n-1",
+            Some(Online),
+            Intent::Offline,
+            &Facts {
+                force: true,
+                ..last
+            },
+        );
+        assert_eq!(forced.steps, vec![Step::SetOnline(false)]);
+    }
+
+    #[test]
+    fn workflows_beyond_the_budget_queue() {
+        let busy = Facts {
+            slot_free: false,
+            ..facts(SERVING)
+        };
+        let d = decide("n-1", Some(Online), Intent::Remove, &busy);
+        assert_eq!((d.state, d.steps.clone()), (Online, vec![]));
+        assert!(d.message.starts_with("queued"));
+    }
+
+    #[test]
+    fn a_terminating_pod_keeps_its_state() {
+        assert_eq!(
+            run(Some(Online), Intent::Online, facts(PodFacts::Terminating)),
+            (Online, vec![])
+        );
+    }
+}
