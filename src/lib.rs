@@ -9,6 +9,7 @@
 //! - [`plugin`]: the pure parts of `kubectl integration`.
 //! - [`telemetry`]: logging setup.
 
+pub mod agent;
 pub mod api;
 pub mod controller;
 pub mod naming;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use integration_operator::{api, controller, telemetry};
+use integration_operator::{agent, api, controller, telemetry};
 
 /// Kubernetes operator for clustered integration servers.
 #[derive(Parser)]
@@ -28,10 +28,45 @@ enum Command {
         #[arg(long, value_enum, default_value_t, env = "LOG_FORMAT")]
         log_format: telemetry::LogFormat,
     },
+    /// The in-pod agent (runs in every server pod).
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Print the IntegrationCluster CRD as YAML (what crds/ holds).
     ///
     /// Install it with: integration-operator crd | kubectl apply --server-side -f -
     Crd,
+}
+
+#[derive(Subcommand)]
+enum AgentCommand {
+    /// Sidecar: quiesce or resume the local server as the operator asks and
+    /// report its state, in-flight work and health on the pod.
+    Watch {
+        /// This pod's name (downward API).
+        #[arg(long, env = "POD_NAME")]
+        pod_name: String,
+        /// This pod's namespace (downward API).
+        #[arg(long, env = "POD_NAMESPACE")]
+        pod_namespace: String,
+        /// host:port of the server's admin port on loopback.
+        #[arg(long, env = "SERVER_ADMIN_ADDRESS", default_value = "127.0.0.1:9999")]
+        server: String,
+        /// Hook that quiesces the server (POST).
+        #[arg(long, env = "QUIESCE_PATH")]
+        quiesce_path: String,
+        /// Hook that resumes the server (POST).
+        #[arg(long, env = "RESUME_PATH")]
+        resume_path: String,
+        /// Hook that answers the number of requests in flight (GET).
+        #[arg(long, env = "IN_FLIGHT_PATH")]
+        in_flight_path: Option<String>,
+        /// Health endpoint (GET); without it a TCP connect counts.
+        #[arg(long, env = "HEALTH_PATH")]
+        health_path: Option<String>,
+        /// How often to look at the pod and the server, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        interval_ms: u64,
+    },
 }
 
 #[tokio::main]
@@ -43,6 +78,25 @@ async fn main() -> ExitCode {
             log_format,
         } => run(namespace, log_format).await,
         Command::Crd => print_crd(),
+        Command::Agent(AgentCommand::Watch {
+            pod_name,
+            pod_namespace,
+            server,
+            quiesce_path,
+            resume_path,
+            in_flight_path,
+            health_path,
+            interval_ms,
+        }) => {
+            let hooks = agent::hooks::Hooks {
+                address: server,
+                quiesce: quiesce_path,
+                resume: resume_path,
+                in_flight: in_flight_path,
+                health: health_path,
+            };
+            agent_watch(pod_name, pod_namespace, hooks, interval_ms).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -72,6 +126,27 @@ fn one_line(error: &anyhow::Error) -> String {
 
 fn print_crd() -> anyhow::Result<()> {
     print!("{}", api::crd_yaml().context("serialising the CRD")?);
+    Ok(())
+}
+
+async fn agent_watch(
+    pod: String,
+    namespace: String,
+    hooks: agent::hooks::Hooks,
+    interval_ms: u64,
+) -> anyhow::Result<()> {
+    telemetry::init(telemetry::LogFormat::Text);
+    let client = kube::Client::try_default()
+        .await
+        .context("no Kubernetes configuration found for the agent")?;
+    let interval = std::time::Duration::from_millis(interval_ms);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::select! {
+        result = agent::watch(client, &namespace, &pod, hooks, interval) => result?,
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
     Ok(())
 }
 

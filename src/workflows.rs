@@ -11,9 +11,11 @@
 //! - add back: a removed node returns `Offline` (seed 003), then goes online
 //!   when the spec no longer keeps it offline.
 //!
-//! The in-pod agent (quiesce, in-flight work, guaranteed-delivery drain)
-//! will add its facts to [`PodFacts`]; until then "drained" means the node
-//! no longer gets client traffic.
+//! Where the pod runs the in-pod agent, going offline also asks it to
+//! quiesce the server, and "drained" means quiesced with no work in flight;
+//! coming online asks it to resume and waits until the server is healthy.
+//! Without an agent, "drained" means the node gets no client traffic.
+//! (Pending guaranteed-delivery work joins the drain with the database.)
 
 use crate::api::NodeState;
 
@@ -37,7 +39,20 @@ pub enum PodFacts {
         online: bool,
         /// The pod is Ready (gets client traffic).
         ready: bool,
+        /// The operator's desired-state annotation asks for offline.
+        asked_offline: bool,
+        /// What the agent reports, if the pod runs one.
+        agent: Option<AgentFacts>,
     },
+}
+
+/// What an agent reports about its server.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AgentFacts {
+    pub quiesced: bool,
+    /// None when the agent could not read it: not drained.
+    pub in_flight: Option<u64>,
+    pub healthy: bool,
 }
 
 /// Everything a decision depends on.
@@ -60,6 +75,8 @@ pub struct Facts {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Step {
     SetOnline(bool),
+    /// Ask the agent to quiesce (true) or resume (false) the server.
+    AskOffline(bool),
     CreatePod,
     DeletePod,
 }
@@ -117,8 +134,11 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 containers_ready,
                 online,
                 ready,
+                asked_offline,
+                agent,
             },
         ) => {
+            let waiting = previous.filter(|s| *s == Offline).unwrap_or(Pending);
             if online {
                 let state = if ready { Online } else { Pending };
                 let message = if ready {
@@ -126,23 +146,43 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 } else {
                     "waiting for the server to become ready"
                 };
-                decision(state, vec![], message)
-            } else if containers_ready {
-                decision(
-                    previous.filter(|s| *s == Offline).unwrap_or(Pending),
+                return decision(state, vec![], message);
+            }
+            if asked_offline {
+                return decision(
+                    waiting,
+                    vec![Step::AskOffline(false)],
+                    "asking the agent to resume the server",
+                );
+            }
+            match agent {
+                Some(a) if a.quiesced => decision(
+                    waiting,
+                    vec![],
+                    "waiting for the agent to resume the server",
+                ),
+                Some(a) if !a.healthy => {
+                    decision(waiting, vec![], "waiting for the server to report healthy")
+                }
+                _ if containers_ready => decision(
+                    waiting,
                     vec![Step::SetOnline(true)],
                     "server ready: bringing the node online",
-                )
-            } else {
-                decision(
-                    previous.filter(|s| *s == Offline).unwrap_or(Pending),
-                    vec![],
-                    "waiting for the server to become ready",
-                )
+                ),
+                _ => decision(waiting, vec![], "waiting for the server to become ready"),
             }
         }
 
-        (Intent::Offline | Intent::Remove, PodFacts::Present { online, ready, .. }) => {
+        (
+            Intent::Offline | Intent::Remove,
+            PodFacts::Present {
+                online,
+                ready,
+                asked_offline,
+                agent,
+                ..
+            },
+        ) => {
             let removing = intent == Intent::Remove;
             if online {
                 if facts.last_online && !facts.force {
@@ -170,31 +210,68 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
             if ready {
                 return decision(Draining, vec![], "waiting for client traffic to stop");
             }
-            if !removing {
+            if !asked_offline && agent.is_some() {
                 return decision(
-                    Offline,
-                    vec![],
-                    "offline: no client traffic, reachable on the admin Service",
+                    Draining,
+                    vec![Step::AskOffline(true)],
+                    "asking the agent to quiesce the server",
                 );
             }
-            // Drained: no client traffic any more. The agent's in-flight and
-            // guaranteed-delivery counts will gate this step too; past the
-            // drain timeout only force continues.
+            let (drained, waiting_for) = match agent {
+                None => (true, String::new()),
+                Some(a) if !a.quiesced => (false, "the server to quiesce".to_owned()),
+                Some(AgentFacts {
+                    in_flight: Some(0), ..
+                }) => (true, String::new()),
+                Some(AgentFacts {
+                    in_flight: Some(n), ..
+                }) => (false, format!("{n} requests in flight")),
+                Some(_) => (false, "the agent to report in-flight work".to_owned()),
+            };
+            if !removing {
+                return if drained {
+                    decision(
+                        Offline,
+                        vec![],
+                        "offline: no client traffic, reachable on the admin Service",
+                    )
+                } else {
+                    decision(
+                        Draining,
+                        vec![],
+                        format!("going offline: waiting for {waiting_for}"),
+                    )
+                };
+            }
+            if drained {
+                return decision(Removing, vec![Step::DeletePod], "drained: deleting the pod");
+            }
             let draining = matches!(previous, Some(Draining | Removing));
-            if draining && facts.in_state_seconds > facts.drain_timeout_seconds && !facts.force {
+            if draining && facts.in_state_seconds > facts.drain_timeout_seconds {
+                if facts.force {
+                    return Decision {
+                        forced: true,
+                        ..decision(
+                            Removing,
+                            vec![Step::DeletePod],
+                            "drain timeout forced: deleting the pod",
+                        )
+                    };
+                }
                 let why = format!(
-                    "{node} has not drained within nodes.drainTimeoutSeconds ({}s); annotate the cluster with integration.dev/force={node} to remove it anyway",
+                    "{node} has not drained within nodes.drainTimeoutSeconds ({}s), still waiting for {waiting_for}; annotate the cluster with integration.dev/force={node} to remove it anyway",
                     facts.drain_timeout_seconds
                 );
                 return Decision {
                     stalled: Some(why.clone()),
-                    ..decision(Removing, vec![], why)
+                    ..decision(Draining, vec![], why)
                 };
             }
-            Decision {
-                forced: facts.force,
-                ..decision(Removing, vec![Step::DeletePod], "drained: deleting the pod")
-            }
+            decision(
+                Draining,
+                vec![],
+                format!("removing: waiting for {waiting_for}"),
+            )
         }
     }
 }
@@ -215,26 +292,34 @@ mod tests {
         }
     }
 
-    const SERVING: PodFacts = PodFacts::Present {
-        containers_ready: true,
-        online: true,
-        ready: true,
-    };
-    const GATED_BUT_READY: PodFacts = PodFacts::Present {
-        containers_ready: true,
-        online: false,
-        ready: true,
-    };
-    const OFF: PodFacts = PodFacts::Present {
-        containers_ready: true,
-        online: false,
-        ready: false,
-    };
-    const STARTING: PodFacts = PodFacts::Present {
-        containers_ready: false,
-        online: false,
-        ready: false,
-    };
+    const fn pod(containers_ready: bool, online: bool, ready: bool) -> PodFacts {
+        PodFacts::Present {
+            containers_ready,
+            online,
+            ready,
+            asked_offline: false,
+            agent: None,
+        }
+    }
+    const SERVING: PodFacts = pod(true, true, true);
+    const GATED_BUT_READY: PodFacts = pod(true, false, true);
+    const OFF: PodFacts = pod(true, false, false);
+    const STARTING: PodFacts = pod(false, false, false);
+
+    /// A gated, not Ready pod whose agent reports.
+    fn with_agent(asked_offline: bool, quiesced: bool, in_flight: Option<u64>) -> PodFacts {
+        PodFacts::Present {
+            containers_ready: true,
+            online: false,
+            ready: false,
+            asked_offline,
+            agent: Some(AgentFacts {
+                quiesced,
+                in_flight,
+                healthy: true,
+            }),
+        }
+    }
 
     fn run(previous: Option<NodeState>, intent: Intent, f: Facts) -> (NodeState, Vec<Step>) {
         let d = decide("n-1", previous, intent, &f);
@@ -322,10 +407,74 @@ mod tests {
     }
 
     #[test]
+    fn with_an_agent_offline_waits_for_quiesce_and_in_flight_work() {
+        let ask = run(
+            Some(Draining),
+            Intent::Offline,
+            facts(with_agent(false, false, Some(3))),
+        );
+        assert_eq!(ask, (Draining, vec![Step::AskOffline(true)]));
+        let quiescing = run(
+            Some(Draining),
+            Intent::Offline,
+            facts(with_agent(true, false, Some(3))),
+        );
+        assert_eq!(quiescing, (Draining, vec![]));
+        let quiesced = run(
+            Some(Draining),
+            Intent::Offline,
+            facts(with_agent(true, true, Some(0))),
+        );
+        assert_eq!(quiesced, (Offline, vec![]));
+        let busy = decide(
+            "n-1",
+            Some(Draining),
+            Intent::Remove,
+            &facts(with_agent(true, true, Some(2))),
+        );
+        assert_eq!((busy.state, busy.steps.clone()), (Draining, vec![]));
+        assert_eq!(busy.message, "removing: waiting for 2 requests in flight");
+        let done = run(
+            Some(Draining),
+            Intent::Remove,
+            facts(with_agent(true, true, Some(0))),
+        );
+        assert_eq!(done, (Removing, vec![Step::DeletePod]));
+        let unknown = run(
+            Some(Draining),
+            Intent::Offline,
+            facts(with_agent(true, true, None)),
+        );
+        assert_eq!(unknown, (Draining, vec![]));
+    }
+
+    #[test]
+    fn with_an_agent_online_resumes_then_waits_for_health() {
+        let resume = run(
+            Some(Offline),
+            Intent::Online,
+            facts(with_agent(true, true, Some(0))),
+        );
+        assert_eq!(resume, (Offline, vec![Step::AskOffline(false)]));
+        let resuming = run(
+            Some(Offline),
+            Intent::Online,
+            facts(with_agent(false, true, Some(0))),
+        );
+        assert_eq!(resuming, (Offline, vec![]));
+        let resumed = run(
+            Some(Offline),
+            Intent::Online,
+            facts(with_agent(false, false, Some(0))),
+        );
+        assert_eq!(resumed, (Offline, vec![Step::SetOnline(true)]));
+    }
+
+    #[test]
     fn a_drain_past_the_timeout_stalls_unless_forced() {
         let late = Facts {
             in_state_seconds: 601,
-            ..facts(OFF)
+            ..facts(with_agent(true, true, Some(1)))
         };
         let d = decide("n-1", Some(Draining), Intent::Remove, &late);
         assert_eq!(d.steps, vec![]);

@@ -16,7 +16,7 @@ use tracing::info;
 use super::plan::Action;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::IntegrationCluster;
-use crate::naming::{ONLINE_CONDITION, labels};
+use crate::naming::{ONLINE_CONDITION, annotations, labels};
 use crate::render::Rendered;
 use crate::workload;
 
@@ -169,6 +169,14 @@ pub async fn execute(
                     .await
                     .map_err(write(format!("set {node} online={online}")))?;
                 info!(cluster = %ic.name_any(), %node, online, "set online gate");
+            }
+            Action::AskOffline { node, offline } => {
+                let desired = if *offline { "offline" } else { "online" };
+                let patch = serde_json::json!({"metadata": {"annotations": {annotations::DESIRED_STATE: desired}}});
+                pods.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+                    .await
+                    .map_err(write(format!("ask {node} to go {desired}")))?;
+                info!(cluster = %ic.name_any(), %node, desired, "asked the agent");
             }
             Action::DeletePod { node, reason } => {
                 ignore_missing(

@@ -16,8 +16,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::agent::Report;
 use crate::api::{DeletionPolicy, IntegrationCluster, NodeState, NodeStatus};
-use crate::workflows::{self, Facts, Intent, PodFacts, Step};
+use crate::naming::annotations;
+use crate::workflows::{self, AgentFacts, Facts, Intent, PodFacts, Step};
 use kube::ResourceExt;
 
 /// Nodes (comma-separated) whose workflow may pass its safety stops: the
@@ -44,6 +46,11 @@ pub enum Action {
     SetOnline {
         node: String,
         online: bool,
+    },
+    /// Ask the node's agent to quiesce (offline) or resume the server.
+    AskOffline {
+        node: String,
+        offline: bool,
     },
     DeletePod {
         node: String,
@@ -256,6 +263,15 @@ pub fn plan(
                 containers_ready: workload::containers_ready(p),
                 online: workload::is_online(p),
                 ready: workload::is_ready(p),
+                asked_offline: p
+                    .annotations()
+                    .get(annotations::DESIRED_STATE)
+                    .is_some_and(|s| s == "offline"),
+                agent: Report::of(p).map(|r| AgentFacts {
+                    quiesced: r.quiesced,
+                    in_flight: r.in_flight,
+                    healthy: r.healthy,
+                }),
             },
         };
         let holds = before.is_some_and(|n| workflows::holds_slot(n.state));
@@ -309,6 +325,10 @@ pub fn plan(
                 Step::SetOnline(online) => plan.actions.push(Action::SetOnline {
                     node: member.name.clone(),
                     online: *online,
+                }),
+                Step::AskOffline(offline) => plan.actions.push(Action::AskOffline {
+                    node: member.name.clone(),
+                    offline: *offline,
                 }),
                 Step::DeletePod => {
                     plan.actions.push(Action::DeletePod {
@@ -547,6 +567,7 @@ mod tests {
                     format!("create {}", p.metadata.name.as_deref().unwrap_or_default())
                 }
                 Action::SetOnline { node, online } => format!("online {node} {online}"),
+                Action::AskOffline { node, offline } => format!("ask {node} offline={offline}"),
                 Action::DeletePod { node, .. } => format!("delete {node}"),
                 Action::DeleteClaim { name } => format!("delete claim {name}"),
             })

@@ -250,29 +250,68 @@ where
     }
 }
 
-/// The operator binary, running as the test bed's RBAC-limited user and
-/// watching one namespace. Killed when dropped.
+/// A process of the operator binary, killed when dropped; its log goes to
+/// the control plane's log directory.
 pub struct Operator {
     child: Child,
 }
 
 impl Operator {
+    /// The controller, as the test bed's RBAC-limited operator user,
+    /// watching one namespace.
     pub fn start(namespace: &str) -> Self {
-        let log = std::fs::File::create(
-            state_dir()
-                .join("logs")
-                .join(format!("operator-{namespace}.log")),
+        Self::spawn(
+            &format!("operator-{namespace}"),
+            &["run", "--namespace", namespace],
+            &operator_kubeconfig(),
         )
-        .expect("create operator log");
+    }
+
+    /// An agent impersonating `pod` (as kwok pods run no containers), with
+    /// its server's hooks on `server` (host:port).
+    pub fn agent(namespace: &str, pod: &str, server: &str) -> Self {
+        Self::spawn(
+            &format!("agent-{namespace}-{pod}"),
+            &[
+                "agent",
+                "watch",
+                "--pod-name",
+                pod,
+                "--pod-namespace",
+                namespace,
+                "--server",
+                server,
+                "--quiesce-path",
+                "/quiesce",
+                "--resume-path",
+                "/resume",
+                "--in-flight-path",
+                "/inflight",
+                "--health-path",
+                "/health",
+                "--interval-ms",
+                "200",
+            ],
+            &admin_kubeconfig(),
+        )
+    }
+
+    fn spawn(log_name: &str, args: &[&str], kubeconfig: &PathBuf) -> Self {
+        let log = std::fs::File::create(state_dir().join("logs").join(format!("{log_name}.log")))
+            .expect("create log");
         let child = Command::new(env!("CARGO_BIN_EXE_integration-operator"))
-            .args(["run", "--namespace", namespace])
-            .env("KUBECONFIG", operator_kubeconfig())
+            .args(args)
+            .env("KUBECONFIG", kubeconfig)
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .expect("start operator");
+            .expect("start integration-operator");
         Self { child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 }
 

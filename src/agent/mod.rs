@@ -1,0 +1,138 @@
+//! The in-pod agent. It talks only to the Kubernetes API (its own pod) and
+//! to its own server on loopback: the operator writes the desired state as
+//! a pod annotation, the agent quiesces or resumes the server through the
+//! profile's hooks and reports what the server does as pod annotations.
+
+pub mod hooks;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Pod;
+use kube::api::{Api, Patch, PatchParams};
+use kube::{Client, ResourceExt};
+use tracing::{info, warn};
+
+use crate::naming::annotations;
+use hooks::Hooks;
+
+/// Why the agent stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("reading pod {pod}: {source}")]
+    ReadPod {
+        pod: String,
+        #[source]
+        source: kube::Error,
+    },
+}
+
+/// What the agent reports, as it appears in the pod's annotations.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Report {
+    pub quiesced: bool,
+    pub in_flight: Option<u64>,
+    pub healthy: bool,
+}
+
+impl Report {
+    fn annotations(&self) -> BTreeMap<String, String> {
+        let mut map = BTreeMap::from([
+            (
+                annotations::SERVER_STATE.to_owned(),
+                if self.quiesced { "quiesced" } else { "online" }.to_owned(),
+            ),
+            (
+                annotations::SERVER_HEALTHY.to_owned(),
+                self.healthy.to_string(),
+            ),
+        ]);
+        if let Some(n) = self.in_flight {
+            map.insert(annotations::IN_FLIGHT.to_owned(), n.to_string());
+        }
+        map
+    }
+
+    /// The report a pod carries, if its agent wrote one.
+    pub fn of(pod: &Pod) -> Option<Report> {
+        let a = pod.metadata.annotations.as_ref()?;
+        let state = a.get(annotations::SERVER_STATE)?;
+        Some(Report {
+            quiesced: state == "quiesced",
+            in_flight: a.get(annotations::IN_FLIGHT).and_then(|n| n.parse().ok()),
+            healthy: a
+                .get(annotations::SERVER_HEALTHY)
+                .is_some_and(|h| h == "true"),
+        })
+    }
+}
+
+/// Runs the sidecar loop until the process is stopped.
+pub async fn watch(
+    client: Client,
+    namespace: &str,
+    pod_name: &str,
+    hooks: Hooks,
+    interval: Duration,
+) -> Result<(), AgentError> {
+    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let mut quiesced = false;
+    let mut first = true;
+    info!(pod = pod_name, server = %hooks.address, "agent watching");
+    loop {
+        let pod = pods
+            .get(pod_name)
+            .await
+            .map_err(|source| AgentError::ReadPod {
+                pod: pod_name.to_owned(),
+                source,
+            })?;
+        if first {
+            quiesced = Report::of(&pod).is_some_and(|r| r.quiesced);
+            first = false;
+        }
+        let want_offline = pod
+            .annotations()
+            .get(annotations::DESIRED_STATE)
+            .is_some_and(|s| s == "offline");
+        if want_offline && !quiesced {
+            match hooks.quiesce().await {
+                Ok(()) => {
+                    quiesced = true;
+                    info!(pod = pod_name, "server quiesced");
+                }
+                Err(e) => warn!(pod = pod_name, error = %e, "quiesce failed"),
+            }
+        } else if !want_offline && quiesced {
+            match hooks.resume().await {
+                Ok(()) => {
+                    quiesced = false;
+                    info!(pod = pod_name, "server resumed");
+                }
+                Err(e) => warn!(pod = pod_name, error = %e, "resume failed"),
+            }
+        }
+        let in_flight = match hooks.in_flight().await {
+            Ok(n) => Some(n),
+            Err(e) => {
+                warn!(pod = pod_name, error = %e, "reading in-flight work failed");
+                None
+            }
+        };
+        let report = Report {
+            quiesced,
+            in_flight,
+            healthy: hooks.healthy().await,
+        };
+        if Report::of(&pod).as_ref() != Some(&report) {
+            let patch = serde_json::json!({"metadata": {"annotations": report.annotations()}});
+            if let Err(e) = pods
+                .patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await
+            {
+                warn!(pod = pod_name, error = %e, "reporting failed");
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

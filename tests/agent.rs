@@ -1,0 +1,231 @@
+//! The in-pod agent with the operator: agents run as local processes that
+//! impersonate the kwok pods (POD_NAME/POD_NAMESPACE), each driving a
+//! stand-in server whose in-flight work a test holds open.
+
+#[path = "support/standin.rs"]
+mod standin;
+mod support;
+
+use std::time::Duration;
+
+use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus, NodeState, Phase};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::api::events::v1::Event;
+use kube::Client;
+use kube::api::{Api, ListParams, Patch, PatchParams};
+use serde_json::json;
+use standin::StandIn;
+use support::*;
+
+fn node<'a>(
+    status: &'a IntegrationClusterStatus,
+    name: &str,
+) -> Option<&'a integration_operator::api::NodeStatus> {
+    status.nodes.iter().find(|n| n.name == name)
+}
+
+fn in_state(status: &IntegrationClusterStatus, name: &str, state: NodeState) -> bool {
+    node(status, name).is_some_and(|n| n.state == state)
+}
+
+/// A Ready 3-node cluster whose pods each have an agent and a stand-in.
+struct Bed {
+    client: Client,
+    ns: String,
+    api: Api<IntegrationCluster>,
+    servers: Vec<StandIn>,
+    _processes: Vec<Operator>,
+}
+
+async fn bed(prefix: &str, extra: &str) -> Bed {
+    let client = admin().await;
+    let ns = namespace(&client, prefix).await;
+    let mut processes = vec![Operator::start(&ns)];
+    let yaml = format!(
+        "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata: {{name: c}}\n\
+         spec:\n  profile: generic\n  mode: stateless\n  image: srv:1\n  replicas: 3\n{extra}"
+    );
+    create_yaml(&client, &ns, &yaml).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "c", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let mut servers = Vec::new();
+    for i in 0..3 {
+        let server = StandIn::start().await;
+        processes.push(Operator::agent(&ns, &format!("c-{i}"), &server.address));
+        servers.push(server);
+    }
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    wait_until(Duration::from_secs(30), "agents reporting", || async {
+        let list = pods.list(&ListParams::default()).await.ok()?;
+        let reporting = list
+            .items
+            .iter()
+            .filter(|p| {
+                p.metadata
+                    .annotations
+                    .as_ref()
+                    .is_some_and(|a| a.get("integration.dev/in-flight").is_some())
+            })
+            .count();
+        (reporting == 3).then_some(())
+    })
+    .await;
+    Bed {
+        client,
+        ns,
+        api,
+        servers,
+        _processes: processes,
+    }
+}
+
+async fn spec(api: &Api<IntegrationCluster>, spec: serde_json::Value) {
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({ "spec": spec })),
+    )
+    .await
+    .expect("patch spec");
+}
+
+#[tokio::test]
+async fn offline_quiesces_the_server_and_online_resumes_it() {
+    let b = bed("agent-offline", "").await;
+    spec(&b.api, json!({"nodes": {"offline": ["c-0"]}})).await;
+    status_when(&b.api, "c", "c-0 Offline", |s| {
+        in_state(s, "c-0", NodeState::Offline)
+    })
+    .await;
+    assert!(
+        b.servers[0].lock().quiesced,
+        "the agent quiesced the server"
+    );
+    assert!(!b.servers[1].lock().quiesced);
+
+    spec(&b.api, json!({"nodes": {"offline": []}})).await;
+    status_when(&b.api, "c", "c-0 Online", |s| {
+        in_state(s, "c-0", NodeState::Online)
+    })
+    .await;
+    assert_eq!(b.servers[0].lock().calls, ["quiesce", "resume"]);
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn remove_waits_for_in_flight_work_and_completes_when_it_is_released() {
+    let b = bed("agent-remove", "").await;
+    b.servers[2].set_in_flight(2);
+    spec(&b.api, json!({"nodes": {"remove": ["c-2"]}})).await;
+    let waiting = status_when(&b.api, "c", "c-2 waits for its work", |s| {
+        node(s, "c-2").is_some_and(|n| {
+            n.message.as_deref() == Some("removing: waiting for 2 requests in flight")
+        })
+    })
+    .await;
+    assert_eq!(
+        node(&waiting, "c-2").map(|n| n.state),
+        Some(NodeState::Draining)
+    );
+    assert!(b.servers[2].lock().quiesced);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+    assert!(
+        pods.get_opt("c-2").await.expect("get").is_some(),
+        "not removed while work is in flight"
+    );
+
+    b.servers[2].set_in_flight(0);
+    status_when(&b.api, "c", "c-2 Removed", |s| {
+        in_state(s, "c-2", NodeState::Removed)
+    })
+    .await;
+    assert!(pods.get_opt("c-2").await.expect("get").is_none());
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn a_drain_timeout_stalls_and_force_continues() {
+    let b = bed("agent-timeout", "  nodes: {drainTimeoutSeconds: 2}\n").await;
+    b.servers[1].set_in_flight(1);
+    spec(&b.api, json!({"nodes": {"remove": ["c-1"]}})).await;
+    let stalled = status_when(&b.api, "c", "Stalled on the drain timeout", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "Stalled" && c.status == "True")
+    })
+    .await;
+    let condition = stalled
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Stalled")
+        .expect("Stalled");
+    assert!(
+        condition
+            .message
+            .contains("c-1 has not drained within nodes.drainTimeoutSeconds (2s)"),
+        "{}",
+        condition.message
+    );
+    assert!(
+        condition.message.contains("1 requests in flight"),
+        "{}",
+        condition.message
+    );
+
+    b.api
+        .patch(
+            "c",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"annotations": {"integration.dev/force": "c-1"}}})),
+        )
+        .await
+        .expect("force");
+    let done = status_when(&b.api, "c", "c-1 Removed", |s| {
+        in_state(s, "c-1", NodeState::Removed)
+    })
+    .await;
+    assert!(
+        done.conditions
+            .iter()
+            .any(|c| c.type_ == "Stalled" && c.status == "False")
+    );
+    let events: Api<Event> = Api::namespaced(b.client.clone(), &b.ns);
+    let forced = events.list(&ListParams::default()).await.expect("events");
+    assert!(
+        forced
+            .items
+            .iter()
+            .any(|e| e.reason.as_deref() == Some("ForcedRemoval"))
+    );
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn an_operator_killed_during_a_removal_finishes_it_after_a_restart() {
+    let mut b = bed("agent-sigkill", "").await;
+    b.servers[0].set_in_flight(1);
+    spec(&b.api, json!({"nodes": {"remove": ["c-0"]}})).await;
+    status_when(&b.api, "c", "c-0 draining", |s| {
+        in_state(s, "c-0", NodeState::Draining)
+    })
+    .await;
+    // SIGKILL: no chance to clean up or save anything beyond what status holds.
+    let operator = b._processes.remove(0);
+    let pid = operator.pid().to_string();
+    let killed = std::process::Command::new("kill")
+        .args(["-KILL", &pid])
+        .status()
+        .expect("kill");
+    assert!(killed.success());
+    drop(operator);
+    b.servers[0].set_in_flight(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _restarted = Operator::start(&b.ns);
+    let done = status_when(&b.api, "c", "c-0 Removed", |s| {
+        in_state(s, "c-0", NodeState::Removed)
+    })
+    .await;
+    assert_eq!(done.phase, Some(Phase::Ready));
+    delete_namespace(&b.client, &b.ns).await;
+}
