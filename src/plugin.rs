@@ -197,7 +197,12 @@ pub fn status_table(ic: &IntegrationCluster) -> String {
             node.name.clone(),
             format!("{:?}", node.state),
             node.ready.to_string(),
-            if in_sync { "yes" } else { "no" }.to_owned(),
+            match (node.state, in_sync) {
+                (crate::api::NodeState::Removed, _) => "-",
+                (_, true) => "yes",
+                (_, false) => "no",
+            }
+            .to_owned(),
             holders(&node.name),
             node.message.clone().unwrap_or_default(),
         ]);
