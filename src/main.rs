@@ -39,6 +39,45 @@ enum Command {
 
 #[derive(Subcommand)]
 enum AgentCommand {
+    /// Init container: verify every package of the spec against its sha256
+    /// and install the set into the server's package directory, all or
+    /// nothing. A failure is written to the termination log and published
+    /// as an Event on the pod, and the server never starts.
+    Init {
+        /// The package list the operator rendered.
+        #[arg(
+            long,
+            env = "PACKAGES_FILE",
+            default_value = "/etc/integration/config/packages.json"
+        )]
+        packages_file: std::path::PathBuf,
+        /// Where ConfigMap package sources are mounted (<dir>/<configmap>/<key>).
+        #[arg(
+            long,
+            env = "PACKAGE_CONFIGMAPS_DIR",
+            default_value = "/etc/integration/package-sources/configmaps"
+        )]
+        config_maps_dir: std::path::PathBuf,
+        /// Where image package sources are mounted (<dir>/<path>).
+        #[arg(
+            long,
+            env = "PACKAGE_IMAGES_DIR",
+            default_value = "/etc/integration/package-sources/images"
+        )]
+        images_dir: std::path::PathBuf,
+        /// The server's package directory.
+        #[arg(long, env = "PACKAGE_DIR")]
+        target: std::path::PathBuf,
+        /// Where Kubernetes reads the container's termination message.
+        #[arg(long, default_value = "/dev/termination-log")]
+        termination_log: std::path::PathBuf,
+        /// This pod's name, for the Event on failure.
+        #[arg(long, env = "POD_NAME")]
+        pod_name: Option<String>,
+        /// This pod's namespace, for the Event on failure.
+        #[arg(long, env = "POD_NAMESPACE")]
+        pod_namespace: Option<String>,
+    },
     /// Sidecar: quiesce or resume the local server as the operator asks and
     /// report its state, in-flight work and health on the pod.
     Watch {
@@ -51,12 +90,13 @@ enum AgentCommand {
         /// host:port of the server's admin port on loopback.
         #[arg(long, env = "SERVER_ADMIN_ADDRESS", default_value = "127.0.0.1:9999")]
         server: String,
-        /// Hook that quiesces the server (POST).
+        /// Hook that quiesces the server (POST); without it, offline only
+        /// stops client traffic.
         #[arg(long, env = "QUIESCE_PATH")]
-        quiesce_path: String,
+        quiesce_path: Option<String>,
         /// Hook that resumes the server (POST).
         #[arg(long, env = "RESUME_PATH")]
-        resume_path: String,
+        resume_path: Option<String>,
         /// Hook that answers the number of requests in flight (GET).
         #[arg(long, env = "IN_FLIGHT_PATH")]
         in_flight_path: Option<String>,
@@ -78,6 +118,22 @@ async fn main() -> ExitCode {
             log_format,
         } => run(namespace, log_format).await,
         Command::Crd => print_crd(),
+        Command::Agent(AgentCommand::Init {
+            packages_file,
+            config_maps_dir,
+            images_dir,
+            target,
+            termination_log,
+            pod_name,
+            pod_namespace,
+        }) => {
+            let sources = agent::init::Sources {
+                config_maps: config_maps_dir,
+                images: images_dir,
+            };
+            let pod = pod_name.zip(pod_namespace);
+            agent_init(&packages_file, &sources, &target, &termination_log, pod).await
+        }
         Command::Agent(AgentCommand::Watch {
             pod_name,
             pod_namespace,
@@ -127,6 +183,36 @@ fn one_line(error: &anyhow::Error) -> String {
 fn print_crd() -> anyhow::Result<()> {
     print!("{}", api::crd_yaml().context("serialising the CRD")?);
     Ok(())
+}
+
+async fn agent_init(
+    packages_file: &std::path::Path,
+    sources: &agent::init::Sources,
+    target: &std::path::Path,
+    termination_log: &std::path::Path,
+    pod: Option<(String, String)>,
+) -> anyhow::Result<()> {
+    let result = agent::init::read_list(packages_file)
+        .and_then(|packages| agent::init::install(&packages, sources, target));
+    match result {
+        Ok(installed) => {
+            println!(
+                "installed {} package(s): {}",
+                installed.len(),
+                installed.join(", ")
+            );
+            Ok(())
+        }
+        Err(e) => {
+            let message = e.to_string();
+            // What `kubectl describe pod` shows as the init container's reason.
+            let _ = std::fs::write(termination_log, &message);
+            if let Some((name, namespace)) = pod {
+                agent::publish_pod_event(&name, &namespace, "PackageInstallFailed", &message).await;
+            }
+            Err(e.into())
+        }
+    }
 }
 
 async fn agent_watch(

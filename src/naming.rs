@@ -114,6 +114,11 @@ pub fn config_map(cluster: &str) -> String {
     format!("{cluster}-config")
 }
 
+/// The ServiceAccount of a cluster's agents.
+pub fn agent_account(cluster: &str) -> String {
+    format!("{cluster}-agent")
+}
+
 /// The per-node volume claim.
 pub fn data_claim(node: &str) -> String {
     format!("data-{node}")

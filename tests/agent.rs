@@ -229,3 +229,71 @@ async fn an_operator_killed_during_a_removal_finishes_it_after_a_restart() {
     assert_eq!(done.phase, Some(Phase::Ready));
     delete_namespace(&b.client, &b.ns).await;
 }
+
+#[tokio::test]
+async fn a_corrupt_package_stops_the_init_step_with_a_clear_message_and_an_event() {
+    let client = admin().await;
+    let ns = namespace(&client, "agent-init").await;
+    let dir = std::env::temp_dir().join(unique("agent-init"));
+    let sources = dir.join("configmaps").join("packages");
+    std::fs::create_dir_all(&sources).expect("dirs");
+    std::fs::write(
+        sources.join("WmKafkaAdapter.zip"),
+        b"not the archive the spec names",
+    )
+    .expect("write");
+    let expected = "0".repeat(64);
+    let list = json!([{
+        "name": "WmKafkaAdapter", "version": "9.6",
+        "source": {"configMap": {"name": "packages", "key": "WmKafkaAdapter.zip"}},
+        "sha256": expected,
+    }]);
+    std::fs::write(dir.join("packages.json"), list.to_string()).expect("write list");
+    let termination = dir.join("termination-log");
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+        .args(["agent", "init"])
+        .arg(format!(
+            "--packages-file={}",
+            dir.join("packages.json").display()
+        ))
+        .arg(format!(
+            "--config-maps-dir={}",
+            dir.join("configmaps").display()
+        ))
+        .arg(format!("--images-dir={}", dir.join("images").display()))
+        .arg(format!("--target={}", dir.join("installed").display()))
+        .arg(format!("--termination-log={}", termination.display()))
+        .env("POD_NAME", "c-0")
+        .env("POD_NAMESPACE", &ns)
+        .env("KUBECONFIG", admin_kubeconfig())
+        .output()
+        .expect("run agent init");
+    assert_eq!(output.status.code(), Some(1));
+    let message = std::fs::read_to_string(&termination).expect("termination message");
+    assert!(
+        message.starts_with("package WmKafkaAdapter: sha256 is "),
+        "{message}"
+    );
+    assert!(
+        message.contains(&format!("the spec expects {expected}")),
+        "{message}"
+    );
+    assert!(
+        !dir.join("installed").join("WmKafkaAdapter.zip").exists(),
+        "nothing installed"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let event = wait_until(
+        Duration::from_secs(30),
+        "PackageInstallFailed event",
+        || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("PackageInstallFailed"))
+        },
+    )
+    .await;
+    assert_eq!(event.regarding.and_then(|r| r.name).as_deref(), Some("c-0"));
+    delete_namespace(&client, &ns).await;
+}

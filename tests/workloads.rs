@@ -15,6 +15,7 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service}
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::Role;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use serde_json::json;
@@ -187,6 +188,17 @@ async fn each_profile_comes_up_ready_with_all_its_objects() {
         assert!(cm.data.unwrap_or_default().contains_key(config_key));
         let pdbs: Api<PodDisruptionBudget> = Api::namespaced(s.client.clone(), &s.ns);
         pdbs.get(name).await.expect("disruption budget");
+        let roles: Api<Role> = Api::namespaced(s.client.clone(), &s.ns);
+        let role = roles
+            .get(&format!("{name}-agent"))
+            .await
+            .expect("agent role");
+        let pod_rule = &role.rules.expect("rules")[0];
+        assert_eq!(pod_rule.verbs, ["get", "patch"]);
+        assert_eq!(
+            pod_rule.resource_names.as_ref().map(Vec::len),
+            Some(usize::try_from(replicas).unwrap_or_default())
+        );
         let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &s.ns);
         let has_claim = pvcs
             .get_opt(&format!("data-{name}-0"))

@@ -15,8 +15,10 @@ use tokio::net::TcpStream;
 pub struct Hooks {
     /// host:port of the server's admin (diagnostic) port, e.g. 127.0.0.1:9999.
     pub address: String,
-    pub quiesce: String,
-    pub resume: String,
+    /// Without quiesce and resume hooks the server cannot be quiesced:
+    /// going offline only stops client traffic.
+    pub quiesce: Option<String>,
+    pub resume: Option<String>,
     pub in_flight: Option<String>,
     pub health: Option<String>,
 }
@@ -113,11 +115,17 @@ impl Hooks {
     }
 
     pub async fn quiesce(&self) -> Result<(), HookError> {
-        self.call(Method::POST, &self.quiesce).await.map(|_| ())
+        match &self.quiesce {
+            Some(path) => self.call(Method::POST, path).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     pub async fn resume(&self) -> Result<(), HookError> {
-        self.call(Method::POST, &self.resume).await.map(|_| ())
+        match &self.resume {
+            Some(path) => self.call(Method::POST, path).await.map(|_| ()),
+            None => Ok(()),
+        }
     }
 
     /// Requests in flight; servers without such a hook report none.

@@ -4,6 +4,7 @@
 //! profile's hooks and reports what the server does as pod annotations.
 
 pub mod hooks;
+pub mod init;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -64,6 +65,33 @@ impl Report {
                 .get(annotations::SERVER_HEALTHY)
                 .is_some_and(|h| h == "true"),
         })
+    }
+}
+
+/// Publishes a Warning Event about this pod; best effort, since the agent
+/// may lack a working client exactly when something went wrong.
+pub async fn publish_pod_event(pod: &str, namespace: &str, reason: &str, note: &str) {
+    use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+    let Ok(client) = Client::try_default().await else {
+        return;
+    };
+    let reference = k8s_openapi::api::core::v1::ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(pod.into()),
+        namespace: Some(namespace.into()),
+        ..Default::default()
+    };
+    let recorder = Recorder::new(client, Reporter::from("integration-operator-agent"));
+    let event = Event {
+        type_: EventType::Warning,
+        reason: reason.into(),
+        note: Some(note.chars().take(1000).collect()),
+        action: "InstallPackages".into(),
+        secondary: None,
+    };
+    if let Err(e) = recorder.publish(&event, &reference).await {
+        warn!(pod, error = %e, "publishing the event failed");
     }
 }
 

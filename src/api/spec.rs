@@ -141,10 +141,25 @@ pub struct IntegrationClusterSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub storage: Option<StorageSpec>,
 
+    /// The in-pod agent (init container and sidecar).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent: Option<AgentSpec>,
+
     /// Extra labels on every server pod.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     #[schemars(extend("maxProperties" = 32))]
     pub pod_labels: BTreeMap<String, String>,
+}
+
+/// The in-pod agent.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AgentSpec {
+    /// Image with the integration-operator binary; defaults to the
+    /// operator's own release.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 512))]
+    pub image: Option<String>,
 }
 
 /// The per-node volume.
@@ -265,6 +280,29 @@ pub struct ServerSpec {
     /// probes check that the primary port accepts connections.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
+
+    /// Admin hooks the agent calls on the diagnostic port (generic profile;
+    /// the other profiles have their own).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hooks: Option<HooksSpec>,
+}
+
+/// Admin hooks of a generic server, as paths on its diagnostic port.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct HooksSpec {
+    /// POST: stop taking new work, finish what runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub quiesce_path: Option<String>,
+    /// POST: take work again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub resume_path: Option<String>,
+    /// GET: the number of requests in flight, as plain text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub in_flight_path: Option<String>,
 }
 
 /// HTTP health endpoints of a generic server.
@@ -304,6 +342,7 @@ impl Default for ServerSpec {
             env: BTreeMap::new(),
             files: BTreeMap::new(),
             health: None,
+            hooks: None,
         }
     }
 }

@@ -2,8 +2,10 @@
 //! with server-side apply only when the desired fields differ from what the
 //! server holds, so a settled cluster costs no writes.
 
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType};
@@ -18,6 +20,7 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::api::IntegrationCluster;
 use crate::naming::{ONLINE_CONDITION, annotations, labels};
 use crate::render::Rendered;
+use crate::validation::ValidatedCluster;
 use crate::workload;
 
 /// Whether every field of `desired` has the same value in `observed`.
@@ -75,14 +78,27 @@ where
 pub async fn ensure_shared(
     ctx: &Context,
     ic: &IntegrationCluster,
+    cluster: &ValidatedCluster,
     rendered: &Rendered,
 ) -> Result<(), Error> {
     let ns = ic.namespace().unwrap_or_default();
     let client = ctx.client.clone();
+    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
+    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
+    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
     let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, &ns);
     let mut changed = Vec::new();
+    if ensure(&accounts, &workload::agent_account(ic)).await? {
+        changed.push("agent ServiceAccount");
+    }
+    if ensure(&roles, &workload::agent_role(ic, cluster)).await? {
+        changed.push("agent Role");
+    }
+    if ensure(&bindings, &workload::agent_binding(ic)).await? {
+        changed.push("agent RoleBinding");
+    }
     if ensure(&cms, &workload::config_map(ic, rendered)).await? {
         changed.push("ConfigMap");
     }

@@ -15,8 +15,10 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
@@ -178,7 +180,13 @@ pub async fn run(client: Client, scope: Scope) {
             owned_api::<PersistentVolumeClaim>(&client, &scope),
             owned.clone(),
         )
-        .owns(owned_api::<PodDisruptionBudget>(&client, &scope), owned);
+        .owns(
+            owned_api::<PodDisruptionBudget>(&client, &scope),
+            owned.clone(),
+        )
+        .owns(owned_api::<ServiceAccount>(&client, &scope), owned.clone())
+        .owns(owned_api::<Role>(&client, &scope), owned.clone())
+        .owns(owned_api::<RoleBinding>(&client, &scope), owned);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
@@ -301,7 +309,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     // render and plan
     let rendered = render::render(ic, cluster);
     if !ic.spec.paused {
-        apply::ensure_shared(ctx, ic, &rendered).await?;
+        apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }
     let (pods, claims) = apply::observe(ctx, ic).await?;
     let observed = plan::Observed {

@@ -19,6 +19,9 @@ use sha2::{Digest, Sha256};
 use crate::api::{IntegrationCluster, Profile};
 use crate::validation::ValidatedCluster;
 
+/// The package list `agent init` installs.
+pub const PACKAGES_FILE: &str = "packages.json";
+
 /// Where the rendered ConfigMap is mounted in every server container.
 pub const CONFIG_DIR: &str = "/etc/integration/config";
 
@@ -49,6 +52,11 @@ pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Rendered {
         Profile::Wso2Carbon => wso2_carbon::render(ic, cluster),
         Profile::Generic => generic::render(ic, cluster),
     };
+    // The package list for the agent's init step (no secrets in it).
+    data.insert(
+        PACKAGES_FILE.to_owned(),
+        serde_json::to_string_pretty(&ic.spec.packages).unwrap_or_default() + "\n",
+    );
     for (name, content) in &ic.spec.server.files {
         data.entry(name.clone()).or_insert_with(|| content.clone());
     }
@@ -93,6 +101,8 @@ struct PodInputs<'a> {
     resources: &'a Option<k8s_openapi::api::core::v1::ResourceRequirements>,
     storage: &'a Option<crate::api::StorageSpec>,
     pod_labels: &'a BTreeMap<String, String>,
+    agent: &'a Option<crate::api::AgentSpec>,
+    hooks: &'a Option<crate::api::HooksSpec>,
 }
 
 fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> String {
@@ -108,6 +118,8 @@ fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> St
         resources: &spec.resources,
         storage: &spec.storage,
         pod_labels: &spec.pod_labels,
+        agent: &spec.agent,
+        hooks: &spec.server.hooks,
     })
 }
 

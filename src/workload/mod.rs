@@ -2,9 +2,11 @@
 //! of the validated cluster and its rendered configuration: they take no
 //! client, so what the operator would create is unit-tested here.
 
+mod agent_access;
 mod pod;
 mod services;
 
+pub use agent_access::{agent_account, agent_binding, agent_role};
 pub use pod::{containers_ready, digests_of, is_online, is_ready, pod};
 pub use services::{admin_service, client_service, config_map, data_claim, disruption_budget};
 

@@ -3,19 +3,28 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EnvVar,
-    EnvVarSource, HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
-    PodReadinessGate, PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecretProjection, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume,
-    VolumeMount, VolumeProjection,
+    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
+    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource,
+    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate,
+    PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
+    SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection,
 };
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{owned_meta, server_selector};
+use crate::agent::init;
 use crate::api::{HealthScheme, IntegrationCluster, Profile};
 use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
 use crate::render::{self, CONFIG_DIR, Rendered, webmethods_is, wso2_carbon};
+
+/// The agent image when the spec names none: this release of the operator.
+pub const AGENT_IMAGE: &str = concat!(
+    "ghcr.io/integration-operator/integration-operator:",
+    env!("CARGO_PKG_VERSION")
+);
 use crate::validation::Member;
 
 /// Where `configFrom` Secrets are mounted; MSR reads `$secret{KEY}` there.
@@ -288,6 +297,119 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
     }
     let working_dir = (spec.profile == Profile::WebmethodsIs).then(|| IS_HOME.to_owned());
 
+    // The agent: an init container installs the verified package set into
+    // a volume the server mounts; a sidecar quiesces and reports.
+    let agent_image = spec
+        .agent
+        .as_ref()
+        .and_then(|a| a.image.clone())
+        .unwrap_or_else(|| AGENT_IMAGE.to_owned());
+    volumes.push(Volume {
+        name: "packages".into(),
+        empty_dir: Some(EmptyDirVolumeSource::default()),
+        ..Volume::default()
+    });
+    mounts.push(VolumeMount {
+        read_only: Some(true),
+        ..mount("packages", init::STAGING_DIR)
+    });
+    let mut init_mounts = vec![
+        mount("config", CONFIG_DIR),
+        VolumeMount {
+            read_only: Some(false),
+            ..mount("packages", init::STAGING_DIR)
+        },
+    ];
+    for package in &spec.packages {
+        if let Some(cm) = &package.source.config_map {
+            let name = format!("pkg-cm-{}", cm.name);
+            if !volumes.iter().any(|v| v.name == name) {
+                volumes.push(Volume {
+                    name: name.clone(),
+                    config_map: Some(ConfigMapVolumeSource {
+                        name: cm.name.clone(),
+                        ..ConfigMapVolumeSource::default()
+                    }),
+                    ..Volume::default()
+                });
+                init_mounts.push(mount(
+                    &name,
+                    &format!("{}/{}", init::CONFIG_MAP_SOURCES, cm.name),
+                ));
+            }
+        }
+        if let Some(image) = &package.source.image {
+            let reference = image.split_once("//").map_or(image.as_str(), |(r, _)| r);
+            let dir = init::image_mount_name(reference);
+            let name = format!("pkg-img-{}", dir.chars().take(40).collect::<String>())
+                .trim_end_matches('-')
+                .to_owned();
+            if !volumes.iter().any(|v| v.name == name) {
+                volumes.push(Volume {
+                    name: name.clone(),
+                    image: Some(ImageVolumeSource {
+                        reference: Some(reference.to_owned()),
+                        pull_policy: Some("IfNotPresent".into()),
+                    }),
+                    ..Volume::default()
+                });
+                init_mounts.push(mount(&name, &format!("{}/{dir}", init::IMAGE_SOURCES)));
+            }
+        }
+    }
+    let restricted = SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    };
+    let pod_env = vec![
+        field_env("POD_NAME", "metadata.name"),
+        field_env("POD_NAMESPACE", "metadata.namespace"),
+    ];
+    let install = Container {
+        name: "install-packages".into(),
+        image: Some(agent_image.clone()),
+        args: Some(vec![
+            "agent".into(),
+            "init".into(),
+            format!("--packages-file={CONFIG_DIR}/{}", render::PACKAGES_FILE),
+            format!("--target={}", init::STAGING_DIR),
+        ]),
+        env: Some(pod_env.clone()),
+        volume_mounts: Some(init_mounts),
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
+        security_context: Some(restricted.clone()),
+        ..Container::default()
+    };
+    let mut agent_env = pod_env;
+    agent_env.push(env(
+        "SERVER_ADMIN_ADDRESS",
+        format!("127.0.0.1:{}", ports.diagnostic),
+    ));
+    for (name, value) in agent_hooks(ic) {
+        agent_env.push(env(name, value));
+    }
+    let sidecar = Container {
+        name: "agent".into(),
+        image: Some(agent_image),
+        args: Some(vec!["agent".into(), "watch".into()]),
+        env: Some(agent_env),
+        security_context: Some(restricted),
+        resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
+            requests: Some(BTreeMap::from([
+                ("cpu".into(), Quantity("10m".into())),
+                ("memory".into(), Quantity("32Mi".into())),
+            ])),
+            limits: Some(BTreeMap::from([("memory".into(), Quantity("64Mi".into()))])),
+            ..Default::default()
+        }),
+        ..Container::default()
+    };
+
     let container = Container {
         name: "server".into(),
         image: Some(spec.image.clone()),
@@ -329,7 +451,9 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
             readiness_gates: Some(vec![PodReadinessGate {
                 condition_type: ONLINE_CONDITION.into(),
             }]),
-            containers: vec![container],
+            init_containers: Some(vec![install]),
+            containers: vec![container, sidecar],
+            service_account_name: Some(naming::agent_account(&cluster)),
             volumes: Some(volumes),
             security_context: Some(PodSecurityContext {
                 run_as_non_root: Some(true),
@@ -356,6 +480,47 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         }),
         status: None,
     }
+}
+
+/// Environment of the agent sidecar naming its server's hooks: the
+/// profile's own, or the spec's for generic servers.
+fn agent_hooks(ic: &IntegrationCluster) -> Vec<(&'static str, String)> {
+    let mut hooks = Vec::new();
+    match ic.spec.profile {
+        // WmRoot's quiesce services (setQuiesceMode finishes running
+        // requests before it returns, so there is no in-flight hook).
+        Profile::WebmethodsIs => {
+            hooks.push((
+                "QUIESCE_PATH",
+                "/invoke/wm.server.quiesce/setQuiesceMode?isQuiesceMode=true".to_owned(),
+            ));
+            hooks.push((
+                "RESUME_PATH",
+                "/invoke/wm.server.quiesce/setActiveMode".to_owned(),
+            ));
+            hooks.push(("HEALTH_PATH", "/health".to_owned()));
+        }
+        // Carbon has no quiesce API: offline stops client traffic only.
+        Profile::Wso2Carbon => {}
+        Profile::Generic => {
+            let spec = &ic.spec.server;
+            if let Some(h) = &spec.hooks {
+                for (name, value) in [
+                    ("QUIESCE_PATH", &h.quiesce_path),
+                    ("RESUME_PATH", &h.resume_path),
+                    ("IN_FLIGHT_PATH", &h.in_flight_path),
+                ] {
+                    if let Some(v) = value {
+                        hooks.push((name, v.clone()));
+                    }
+                }
+            }
+            if let Some(h) = &spec.health {
+                hooks.push(("HEALTH_PATH", h.readiness_path.clone()));
+            }
+        }
+    }
+    hooks
 }
 
 /// The digests a pod was created with, and its server image now (a hand
@@ -487,6 +652,45 @@ mod tests {
             .expect("container security");
         assert_eq!(csc.allow_privilege_escalation, Some(false));
         assert_eq!(spec.subdomain.as_deref(), Some("identity-admin"));
+    }
+
+    #[test]
+    fn the_agent_installs_packages_first_and_watches_beside_the_server() {
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        let spec = pod.spec.as_ref().expect("spec");
+        let init = &spec.init_containers.as_ref().expect("init containers")[0];
+        assert_eq!(init.name, "install-packages");
+        assert_eq!(
+            init.args.as_ref().expect("args")[..2],
+            ["agent".to_owned(), "init".to_owned()]
+        );
+        let image = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find_map(|v| v.image.as_ref())
+            .and_then(|i| i.reference.as_deref());
+        assert_eq!(
+            image,
+            Some("registry.example.com/webmethods/packages:10.15")
+        );
+        let agent = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "agent")
+            .expect("sidecar");
+        let env: BTreeMap<_, _> = agent
+            .env
+            .iter()
+            .flatten()
+            .filter_map(|e| Some((e.name.as_str(), e.value.as_deref()?)))
+            .collect();
+        assert_eq!(env.get("SERVER_ADMIN_ADDRESS"), Some(&"127.0.0.1:9999"));
+        assert!(
+            env.get("QUIESCE_PATH")
+                .is_some_and(|p| p.contains("setQuiesceMode"))
+        );
+        assert_eq!(spec.service_account_name.as_deref(), Some("orders-agent"));
     }
 
     #[test]
