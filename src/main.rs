@@ -103,6 +103,16 @@ enum AgentCommand {
         /// Health endpoint (GET); without it a TCP connect counts.
         #[arg(long, env = "HEALTH_PATH")]
         health_path: Option<String>,
+        /// The package list the operator rendered.
+        #[arg(
+            long,
+            env = "PACKAGES_FILE",
+            default_value = "/etc/integration/config/packages.json"
+        )]
+        packages_file: std::path::PathBuf,
+        /// Where agent init staged the packages.
+        #[arg(long, env = "PACKAGE_DIR", default_value = "/opt/integration/packages")]
+        installed_dir: std::path::PathBuf,
         /// How often to look at the pod and the server, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -142,8 +152,14 @@ async fn main() -> ExitCode {
             resume_path,
             in_flight_path,
             health_path,
+            packages_file,
+            installed_dir,
             interval_ms,
         }) => {
+            let packages = agent::Packages {
+                list: packages_file,
+                installed: installed_dir,
+            };
             let hooks = agent::hooks::Hooks {
                 address: server,
                 quiesce: quiesce_path,
@@ -151,7 +167,7 @@ async fn main() -> ExitCode {
                 in_flight: in_flight_path,
                 health: health_path,
             };
-            agent_watch(pod_name, pod_namespace, hooks, interval_ms).await
+            agent_watch(pod_name, pod_namespace, hooks, packages, interval_ms).await
         }
     };
     match result {
@@ -219,6 +235,7 @@ async fn agent_watch(
     pod: String,
     namespace: String,
     hooks: agent::hooks::Hooks,
+    packages: agent::Packages,
     interval_ms: u64,
 ) -> anyhow::Result<()> {
     telemetry::init(telemetry::LogFormat::Text);
@@ -229,7 +246,7 @@ async fn agent_watch(
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::select! {
-        result = agent::watch(client, &namespace, &pod, hooks, interval) => result?,
+        result = agent::watch(client, &namespace, &pod, hooks, packages, interval) => result?,
         _ = tokio::signal::ctrl_c() => {}
         _ = terminate.recv() => {}
     }

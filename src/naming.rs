@@ -91,6 +91,9 @@ pub mod annotations {
     pub const SERVER_STATE: &str = "integration.dev/server-state";
     /// Agent → operator: requests the server is still working on.
     pub const IN_FLIGHT: &str = "integration.dev/in-flight";
+    /// Agent → operator: digest of the package set found installed, or
+    /// `incomplete`.
+    pub const INSTALLED_PACKAGES: &str = "integration.dev/installed-packages";
     /// Agent → operator: `true` when the server's health endpoint answers.
     pub const SERVER_HEALTHY: &str = "integration.dev/server-healthy";
 }

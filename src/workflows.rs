@@ -549,6 +549,22 @@ mod tests {
     }
 
     #[test]
+    fn a_removal_cancelled_midway_brings_the_node_back_online() {
+        // The spec dropped the node from nodes.remove while it was draining.
+        let resume = run(
+            Some(Draining),
+            Intent::Online,
+            facts(with_agent(true, true, Some(4))),
+        );
+        assert_eq!(resume, (Pending, vec![Step::AskOffline(false)]));
+        let back = run(Some(Draining), Intent::Online, facts(OFF));
+        assert_eq!(back, (Pending, vec![Step::SetOnline(true)]));
+        // Too late once the pod is being deleted: it comes back offline.
+        let deleted = run(Some(Removing), Intent::Online, facts(PodFacts::Absent));
+        assert_eq!(deleted, (Offline, vec![Step::CreatePod]));
+    }
+
+    #[test]
     fn a_terminating_pod_keeps_its_state() {
         assert_eq!(
             run(Some(Online), Intent::Online, facts(PodFacts::Terminating)),

@@ -297,3 +297,47 @@ async fn a_corrupt_package_stops_the_init_step_with_a_clear_message_and_an_event
     assert_eq!(event.regarding.and_then(|r| r.name).as_deref(), Some("c-0"));
     delete_namespace(&client, &ns).await;
 }
+
+#[tokio::test]
+async fn a_package_changed_inside_a_running_pod_is_drift_and_the_node_is_replaced() {
+    let mut b = bed("agent-pkgdrift", "").await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+    let old = pods.get("c-1").await.expect("c-1").metadata.uid;
+    // The agent of c-1 now finds a package of its list altered on disk.
+    let dir = std::env::temp_dir().join(unique("pkgdrift"));
+    std::fs::create_dir_all(dir.join("installed")).expect("dirs");
+    let list = json!([{"name": "P", "version": "1", "source": {"configMap": {"name": "p", "key": "P.zip"}}, "sha256": "0".repeat(64)}]);
+    std::fs::write(dir.join("packages.json"), list.to_string()).expect("list");
+    std::fs::write(dir.join("installed").join("P.zip"), b"altered").expect("package");
+    drop(b._processes.remove(2));
+    let packages_file = format!("--packages-file={}", dir.join("packages.json").display());
+    let installed_dir = format!("--installed-dir={}", dir.join("installed").display());
+    let agent = Operator::agent_with(
+        &b.ns,
+        "c-1",
+        &b.servers[1].address,
+        &[&packages_file, &installed_dir],
+    );
+
+    let drift = status_when(&b.api, "c", "drift on c-1", |s| {
+        s.conditions.iter().any(|c| {
+            c.type_ == "ConfigDrift"
+                && c.status == "True"
+                && c.message.contains("c-1: installed packages differ")
+        })
+    })
+    .await;
+    assert!(
+        drift
+            .conditions
+            .iter()
+            .any(|c| c.message.contains("the agent reports incomplete"))
+    );
+    wait_until(Duration::from_secs(60), "c-1 replaced", || async {
+        let pod = pods.get_opt("c-1").await.ok()??;
+        (pod.metadata.uid != old && pod.metadata.deletion_timestamp.is_none()).then_some(())
+    })
+    .await;
+    drop(agent);
+    delete_namespace(&b.client, &b.ns).await;
+}

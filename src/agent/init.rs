@@ -150,6 +150,17 @@ pub fn install(
     Ok(installed)
 }
 
+/// The digest of the package set installed in `dir`, if every package of
+/// the list is there with its checksum; `None` when something is missing
+/// or altered.
+pub fn installed_digest(packages: &[PackageSpec], dir: &Path) -> Option<String> {
+    let intact = packages.iter().all(|p| {
+        std::fs::read(dir.join(format!("{}.zip", p.name)))
+            .is_ok_and(|bytes| sha256_hex(&bytes) == p.sha256)
+    });
+    intact.then(|| crate::render::packages_digest(packages))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +224,19 @@ mod tests {
             "{err}"
         );
         assert!(!target.join("A.zip").exists(), "no partial package set");
+    }
+
+    #[test]
+    fn the_installed_digest_matches_the_operators_only_while_intact() {
+        let (sources, target) = setup("digest", &[("A.zip", b"a")]);
+        let packages = [package("A", b"a")];
+        install(&packages, &sources, &target).expect("installs");
+        assert_eq!(
+            installed_digest(&packages, &target),
+            Some(crate::render::packages_digest(&packages))
+        );
+        std::fs::write(target.join("A.zip"), b"changed inside the pod").expect("tamper");
+        assert_eq!(installed_digest(&packages, &target), None);
     }
 
     #[test]

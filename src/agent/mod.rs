@@ -34,6 +34,9 @@ pub struct Report {
     pub quiesced: bool,
     pub in_flight: Option<u64>,
     pub healthy: bool,
+    /// Digest of the package set installed, `incomplete` when a package is
+    /// missing or altered, None when the agent has no package list.
+    pub installed_packages: Option<String>,
 }
 
 impl Report {
@@ -51,6 +54,9 @@ impl Report {
         if let Some(n) = self.in_flight {
             map.insert(annotations::IN_FLIGHT.to_owned(), n.to_string());
         }
+        if let Some(digest) = &self.installed_packages {
+            map.insert(annotations::INSTALLED_PACKAGES.to_owned(), digest.clone());
+        }
         map
     }
 
@@ -64,6 +70,7 @@ impl Report {
             healthy: a
                 .get(annotations::SERVER_HEALTHY)
                 .is_some_and(|h| h == "true"),
+            installed_packages: a.get(annotations::INSTALLED_PACKAGES).cloned(),
         })
     }
 }
@@ -95,17 +102,30 @@ pub async fn publish_pod_event(pod: &str, namespace: &str, reason: &str, note: &
     }
 }
 
+/// Where the agent finds the package list and the installed packages.
+#[derive(Clone, Debug)]
+pub struct Packages {
+    pub list: std::path::PathBuf,
+    pub installed: std::path::PathBuf,
+}
+
+/// How often the installed packages are checksummed again.
+const PACKAGE_CHECK: Duration = Duration::from_secs(30);
+
 /// Runs the sidecar loop until the process is stopped.
 pub async fn watch(
     client: Client,
     namespace: &str,
     pod_name: &str,
     hooks: Hooks,
+    packages: Packages,
     interval: Duration,
 ) -> Result<(), AgentError> {
     let pods: Api<Pod> = Api::namespaced(client, namespace);
     let mut quiesced = false;
     let mut first = true;
+    let mut installed: Option<String> = None;
+    let mut checked: Option<tokio::time::Instant> = None;
     info!(pod = pod_name, server = %hooks.address, "agent watching");
     loop {
         let pod = pods
@@ -147,10 +167,18 @@ pub async fn watch(
                 None
             }
         };
+        if checked.is_none_or(|t| t.elapsed() > PACKAGE_CHECK) {
+            installed = init::read_list(&packages.list).ok().map(|list| {
+                init::installed_digest(&list, &packages.installed)
+                    .unwrap_or_else(|| "incomplete".to_owned())
+            });
+            checked = Some(tokio::time::Instant::now());
+        }
         let report = Report {
             quiesced,
             in_flight,
             healthy: hooks.healthy().await,
+            installed_packages: installed.clone(),
         };
         if Report::of(&pod).as_ref() != Some(&report) {
             let patch = serde_json::json!({"metadata": {"annotations": report.annotations()}});

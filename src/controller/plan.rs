@@ -102,6 +102,13 @@ pub fn drift(pod: &Pod, rendered: &Rendered, image: &str) -> Option<String> {
     if packages != Some(rendered.packages_digest.as_str()) {
         return Some("package set changed".into());
     }
+    if let Some(installed) = pod.annotations().get(annotations::INSTALLED_PACKAGES)
+        && installed != &rendered.packages_digest
+    {
+        return Some(format!(
+            "installed packages differ from the spec (the agent reports {installed})"
+        ));
+    }
     if running_image != Some(image) {
         return Some(format!(
             "server image is {} instead of {image}",

@@ -78,7 +78,7 @@ pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Rendered {
             (node.to_string(), digest(&(&config_digest, own)))
         })
         .collect();
-    let packages_digest = digest(&ic.spec.packages);
+    let packages_digest = packages_digest(&ic.spec.packages);
     Rendered {
         data,
         config_digest,
@@ -121,6 +121,12 @@ fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> St
         agent: &spec.agent,
         hooks: &spec.server.hooks,
     })
+}
+
+/// The digest of a package set; the agent computes the same over what it
+/// finds installed, so both sides agree without talking.
+pub fn packages_digest(packages: &[crate::api::PackageSpec]) -> String {
+    digest(packages)
 }
 
 /// First 16 hex digits of the SHA-256 of the JSON form: stable because

@@ -398,6 +398,13 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         image: Some(agent_image),
         args: Some(vec!["agent".into(), "watch".into()]),
         env: Some(agent_env),
+        volume_mounts: Some(vec![
+            mount("config", CONFIG_DIR),
+            VolumeMount {
+                read_only: Some(true),
+                ..mount("packages", init::STAGING_DIR)
+            },
+        ]),
         security_context: Some(restricted),
         resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
             requests: Some(BTreeMap::from([

@@ -270,28 +270,35 @@ impl Operator {
     /// An agent impersonating `pod` (as kwok pods run no containers), with
     /// its server's hooks on `server` (host:port).
     pub fn agent(namespace: &str, pod: &str, server: &str) -> Self {
+        Self::agent_with(namespace, pod, server, &[])
+    }
+
+    /// An agent with extra arguments (package list, installed directory).
+    pub fn agent_with(namespace: &str, pod: &str, server: &str, extra: &[&str]) -> Self {
+        let mut args = vec![
+            "agent",
+            "watch",
+            "--pod-name",
+            pod,
+            "--pod-namespace",
+            namespace,
+            "--server",
+            server,
+            "--quiesce-path",
+            "/quiesce",
+            "--resume-path",
+            "/resume",
+            "--in-flight-path",
+            "/inflight",
+            "--health-path",
+            "/health",
+            "--interval-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
         Self::spawn(
             &format!("agent-{namespace}-{pod}"),
-            &[
-                "agent",
-                "watch",
-                "--pod-name",
-                pod,
-                "--pod-namespace",
-                namespace,
-                "--server",
-                server,
-                "--quiesce-path",
-                "/quiesce",
-                "--resume-path",
-                "/resume",
-                "--in-flight-path",
-                "/inflight",
-                "--health-path",
-                "/health",
-                "--interval-ms",
-                "200",
-            ],
+            &args,
             &admin_kubeconfig(),
         )
     }
