@@ -201,16 +201,9 @@ async fn a_drain_timeout_stalls_and_force_continues() {
     delete_namespace(&b.client, &b.ns).await;
 }
 
-#[tokio::test]
-async fn an_operator_killed_during_a_removal_finishes_it_after_a_restart() {
-    let mut b = bed("agent-sigkill", "").await;
-    b.servers[0].set_in_flight(1);
-    spec(&b.api, json!({"nodes": {"remove": ["c-0"]}})).await;
-    status_when(&b.api, "c", "c-0 draining", |s| {
-        in_state(s, "c-0", NodeState::Draining)
-    })
-    .await;
-    // SIGKILL: no chance to clean up or save anything beyond what status holds.
+/// SIGKILLs the operator (no chance to save anything beyond what status and
+/// the objects hold) and starts a new one.
+fn kill_and_restart(b: &mut Bed) {
     let operator = b._processes.remove(0);
     let pid = operator.pid().to_string();
     let killed = std::process::Command::new("kill")
@@ -219,13 +212,55 @@ async fn an_operator_killed_during_a_removal_finishes_it_after_a_restart() {
         .expect("kill");
     assert!(killed.success());
     drop(operator);
+    b._processes.insert(0, Operator::start(&b.ns));
+}
+
+#[tokio::test]
+async fn an_operator_killed_at_each_workflow_step_finishes_the_workflow_after_a_restart() {
+    let mut b = bed("agent-sigkill", "").await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+
+    // offline, killed while the server drains its work
+    b.servers[1].set_in_flight(1);
+    spec(&b.api, json!({"nodes": {"offline": ["c-1"]}})).await;
+    status_when(&b.api, "c", "c-1 draining", |s| {
+        in_state(s, "c-1", NodeState::Draining)
+    })
+    .await;
+    kill_and_restart(&mut b);
+    b.servers[1].set_in_flight(0);
+    status_when(&b.api, "c", "c-1 Offline", |s| {
+        in_state(s, "c-1", NodeState::Offline)
+    })
+    .await;
+
+    // remove, killed while draining
+    b.servers[0].set_in_flight(1);
+    spec(
+        &b.api,
+        json!({"nodes": {"offline": ["c-1"], "remove": ["c-0"]}}),
+    )
+    .await;
+    status_when(&b.api, "c", "c-0 draining", |s| {
+        in_state(s, "c-0", NodeState::Draining)
+    })
+    .await;
+    kill_and_restart(&mut b);
     b.servers[0].set_in_flight(0);
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let _restarted = Operator::start(&b.ns);
-    let done = status_when(&b.api, "c", "c-0 Removed", |s| {
+    status_when(&b.api, "c", "c-0 Removed", |s| {
         in_state(s, "c-0", NodeState::Removed)
     })
     .await;
+    assert!(pods.get_opt("c-0").await.expect("get").is_none());
+
+    // online, killed right after asking: c-1 resumes and comes back
+    spec(&b.api, json!({"nodes": {"offline": [], "remove": ["c-0"]}})).await;
+    kill_and_restart(&mut b);
+    let done = status_when(&b.api, "c", "c-1 Online", |s| {
+        in_state(s, "c-1", NodeState::Online)
+    })
+    .await;
+    assert_eq!(b.servers[1].lock().calls, ["quiesce", "resume"]);
     assert_eq!(done.phase, Some(Phase::Ready));
     delete_namespace(&b.client, &b.ns).await;
 }
