@@ -14,6 +14,8 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once at start; the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Run the controller: watch IntegrationClusters and reconcile them.
@@ -110,9 +112,19 @@ enum AgentCommand {
             default_value = "/etc/integration/config/packages.json"
         )]
         packages_file: std::path::PathBuf,
+        /// Administrator user for the admin hooks.
+        #[arg(long, env = "SERVER_USERNAME")]
+        username: Option<String>,
+        /// Administrator password for the admin hooks (prefer the
+        /// environment: arguments are visible in the process list).
+        #[arg(long, env = "SERVER_PASSWORD", hide_env_values = true)]
+        password: Option<String>,
         /// Where agent init staged the packages.
         #[arg(long, env = "PACKAGE_DIR", default_value = "/opt/integration/packages")]
         installed_dir: std::path::PathBuf,
+        /// The mounted configuration (the operator's ConfigMap).
+        #[arg(long, env = "CONFIG_DIR", default_value = "/etc/integration/config")]
+        config_dir: std::path::PathBuf,
         /// How often to look at the pod and the server, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
@@ -153,12 +165,16 @@ async fn main() -> ExitCode {
             in_flight_path,
             health_path,
             packages_file,
+            username,
+            password,
             installed_dir,
+            config_dir,
             interval_ms,
         }) => {
             let packages = agent::Packages {
                 list: packages_file,
                 installed: installed_dir,
+                config_dir,
             };
             let hooks = agent::hooks::Hooks {
                 address: server,
@@ -166,6 +182,9 @@ async fn main() -> ExitCode {
                 resume: resume_path,
                 in_flight: in_flight_path,
                 health: health_path,
+                authorization: username
+                    .zip(password)
+                    .map(|(u, p)| agent::hooks::basic_auth(&u, &p)),
             };
             agent_watch(pod_name, pod_namespace, hooks, packages, interval_ms).await
         }
@@ -208,8 +227,13 @@ async fn agent_init(
     termination_log: &std::path::Path,
     pod: Option<(String, String)>,
 ) -> anyhow::Result<()> {
-    let result = agent::init::read_list(packages_file)
-        .and_then(|packages| agent::init::install(&packages, sources, target));
+    let result = match agent::init::read_list(packages_file) {
+        Ok(packages) => match agent::init::fetch(&packages, sources).await {
+            Ok(archives) => agent::init::install(&packages, archives, target),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(e),
+    };
     match result {
         Ok(installed) => {
             println!(

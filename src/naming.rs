@@ -94,6 +94,9 @@ pub mod annotations {
     /// Agent → operator: digest of the package set found installed, or
     /// `incomplete`.
     pub const INSTALLED_PACKAGES: &str = "integration.dev/installed-packages";
+    /// Agent → operator: digest of the configuration files the node reads,
+    /// as mounted in the pod.
+    pub const CONFIG_FILES: &str = "integration.dev/config-files";
     /// Agent → operator: `true` when the server's health endpoint answers.
     pub const SERVER_HEALTHY: &str = "integration.dev/server-healthy";
 }

@@ -38,6 +38,12 @@ struct Bed {
 }
 
 async fn bed(prefix: &str, extra: &str) -> Bed {
+    bed_with(prefix, extra, false).await
+}
+
+/// With `auth`, every stand-in demands Basic Administrator:manage on its
+/// admin hooks and every agent gets those credentials.
+async fn bed_with(prefix: &str, extra: &str, auth: bool) -> Bed {
     let client = admin().await;
     let ns = namespace(&client, prefix).await;
     let mut processes = vec![Operator::start(&ns)];
@@ -51,7 +57,19 @@ async fn bed(prefix: &str, extra: &str) -> Bed {
     let mut servers = Vec::new();
     for i in 0..3 {
         let server = StandIn::start().await;
-        processes.push(Operator::agent(&ns, &format!("c-{i}"), &server.address));
+        let pod = format!("c-{i}");
+        if auth {
+            server.lock().authorization = Some("Basic QWRtaW5pc3RyYXRvcjptYW5hZ2U=".into());
+            let credentials = ["--username", "Administrator", "--password", "manage"];
+            processes.push(Operator::agent_with(
+                &ns,
+                &pod,
+                &server.address,
+                &credentials,
+            ));
+        } else {
+            processes.push(Operator::agent(&ns, &pod, &server.address));
+        }
         servers.push(server);
     }
     let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
@@ -91,7 +109,8 @@ async fn spec(api: &Api<IntegrationCluster>, spec: serde_json::Value) {
 
 #[tokio::test]
 async fn offline_quiesces_the_server_and_online_resumes_it() {
-    let b = bed("agent-offline", "").await;
+    // The hooks need the administrator's credentials, as MSR's do.
+    let b = bed_with("agent-offline", "", true).await;
     spec(&b.api, json!({"nodes": {"offline": ["c-0"]}})).await;
     status_when(&b.api, "c", "c-0 Offline", |s| {
         in_state(s, "c-0", NodeState::Offline)
@@ -333,41 +352,19 @@ async fn a_corrupt_package_stops_the_init_step_with_a_clear_message_and_an_event
     delete_namespace(&client, &ns).await;
 }
 
-#[tokio::test]
-async fn a_package_changed_inside_a_running_pod_is_drift_and_the_node_is_replaced() {
-    let mut b = bed("agent-pkgdrift", "").await;
+/// Restarts the agent of c-1 with `args` (pointing it at altered files)
+/// and checks that the operator sees drift with `why` and replaces c-1.
+async fn inside_change_replaces_the_node(mut b: Bed, args: &[&str], why: &str) {
     let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
     let old = pods.get("c-1").await.expect("c-1").metadata.uid;
-    // The agent of c-1 now finds a package of its list altered on disk.
-    let dir = std::env::temp_dir().join(unique("pkgdrift"));
-    std::fs::create_dir_all(dir.join("installed")).expect("dirs");
-    let list = json!([{"name": "P", "version": "1", "source": {"configMap": {"name": "p", "key": "P.zip"}}, "sha256": "0".repeat(64)}]);
-    std::fs::write(dir.join("packages.json"), list.to_string()).expect("list");
-    std::fs::write(dir.join("installed").join("P.zip"), b"altered").expect("package");
     drop(b._processes.remove(2));
-    let packages_file = format!("--packages-file={}", dir.join("packages.json").display());
-    let installed_dir = format!("--installed-dir={}", dir.join("installed").display());
-    let agent = Operator::agent_with(
-        &b.ns,
-        "c-1",
-        &b.servers[1].address,
-        &[&packages_file, &installed_dir],
-    );
-
-    let drift = status_when(&b.api, "c", "drift on c-1", |s| {
-        s.conditions.iter().any(|c| {
-            c.type_ == "ConfigDrift"
-                && c.status == "True"
-                && c.message.contains("c-1: installed packages differ")
-        })
+    let agent = Operator::agent_with(&b.ns, "c-1", &b.servers[1].address, args);
+    status_when(&b.api, "c", "drift on c-1", |s| {
+        s.conditions
+            .iter()
+            .any(|c| c.type_ == "ConfigDrift" && c.status == "True" && c.message.contains(why))
     })
     .await;
-    assert!(
-        drift
-            .conditions
-            .iter()
-            .any(|c| c.message.contains("the agent reports incomplete"))
-    );
     wait_until(Duration::from_secs(60), "c-1 replaced", || async {
         let pod = pods.get_opt("c-1").await.ok()??;
         (pod.metadata.uid != old && pod.metadata.deletion_timestamp.is_none()).then_some(())
@@ -375,4 +372,85 @@ async fn a_package_changed_inside_a_running_pod_is_drift_and_the_node_is_replace
     .await;
     drop(agent);
     delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn a_package_changed_inside_a_running_pod_is_drift_and_the_node_is_replaced() {
+    let b = bed("agent-pkgdrift", "").await;
+    let dir = std::env::temp_dir().join(unique("pkgdrift"));
+    std::fs::create_dir_all(dir.join("installed")).expect("dirs");
+    let list = json!([{"name": "P", "version": "1", "source": {"configMap": {"name": "p", "key": "P.zip"}}, "sha256": "0".repeat(64)}]);
+    std::fs::write(dir.join("packages.json"), list.to_string()).expect("list");
+    std::fs::write(dir.join("installed").join("P.zip"), b"altered").expect("package");
+    let packages_file = format!("--packages-file={}", dir.join("packages.json").display());
+    let installed_dir = format!("--installed-dir={}", dir.join("installed").display());
+    let why = "c-1: installed packages differ from the spec (the agent reports incomplete)";
+    inside_change_replaces_the_node(b, &[&packages_file, &installed_dir], why).await;
+}
+
+#[tokio::test]
+async fn a_configuration_file_changed_inside_a_running_pod_is_drift_and_the_node_is_replaced() {
+    let b = bed("agent-cfgdrift", "").await;
+    let dir = std::env::temp_dir().join(unique("cfgdrift"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    std::fs::write(dir.join("server.properties"), "threads=999\n").expect("file");
+    let config_dir = format!("--config-dir={}", dir.display());
+    let why = "c-1: configuration files in the pod differ from the ConfigMap";
+    inside_change_replaces_the_node(b, &[&config_dir], why).await;
+}
+
+#[tokio::test]
+async fn url_packages_are_downloaded_verified_and_unpacked() {
+    use std::io::Write;
+    let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let stored =
+        zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Stored);
+    zip.start_file("manifest.v3", stored).expect("entry");
+    zip.write_all(b"version=9.6").expect("write");
+    let archive = zip.finish().expect("zip").into_inner();
+    let sha256: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&archive)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect()
+    };
+    let server = StandIn::start().await;
+    server
+        .lock()
+        .files
+        .insert("/WmKafkaAdapter-9.6.zip".into(), archive);
+    let dir = std::env::temp_dir().join(unique("url-package"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let list = json!([{
+        "name": "WmKafkaAdapter", "version": "9.6",
+        "source": {"url": format!("http://{}/WmKafkaAdapter-9.6.zip", server.address)},
+        "sha256": sha256,
+    }]);
+    std::fs::write(dir.join("packages.json"), list.to_string()).expect("list");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+        .args(["agent", "init"])
+        .arg(format!(
+            "--packages-file={}",
+            dir.join("packages.json").display()
+        ))
+        .arg(format!("--target={}", dir.join("installed").display()))
+        .arg(format!(
+            "--termination-log={}",
+            dir.join("termination-log").display()
+        ))
+        .output()
+        .await
+        .expect("run agent init");
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let manifest = std::fs::read_to_string(
+        dir.join("installed")
+            .join("WmKafkaAdapter")
+            .join("manifest.v3"),
+    );
+    assert_eq!(manifest.expect("unpacked"), "version=9.6");
 }

@@ -21,6 +21,16 @@ pub struct Hooks {
     pub resume: Option<String>,
     pub in_flight: Option<String>,
     pub health: Option<String>,
+    /// `Authorization` header value for the admin hooks, if the server
+    /// needs one.
+    pub authorization: Option<String>,
+}
+
+/// A Basic authorization header value.
+pub fn basic_auth(username: &str, password: &str) -> String {
+    use base64::Engine;
+    let token = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    format!("Basic {token}")
 }
 
 /// A hook call that did not succeed.
@@ -86,10 +96,14 @@ impl Hooks {
             .await
             .map_err(http)?;
         let connection = tokio::spawn(connection);
-        let request = Request::builder()
+        let mut request = Request::builder()
             .method(method.clone())
             .uri(path)
-            .header("host", &self.address)
+            .header("host", &self.address);
+        if let Some(authorization) = &self.authorization {
+            request = request.header("authorization", authorization);
+        }
+        let request = request
             .body(Empty::<Bytes>::new())
             .map_err(|e| HookError::Body {
                 path: path.to_owned(),
@@ -146,5 +160,18 @@ impl Hooks {
             Some(path) => self.call(Method::GET, path).await.is_ok(),
             None => TcpStream::connect(&self.address).await.is_ok(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn basic_auth_is_base64_of_user_colon_password() {
+        assert_eq!(
+            basic_auth("Administrator", "manage"),
+            "Basic QWRtaW5pc3RyYXRvcjptYW5hZ2U="
+        );
     }
 }

@@ -37,6 +37,8 @@ pub struct Report {
     /// Digest of the package set installed, `incomplete` when a package is
     /// missing or altered, None when the agent has no package list.
     pub installed_packages: Option<String>,
+    /// Digest of the configuration files mounted in the pod.
+    pub config_files: Option<String>,
 }
 
 impl Report {
@@ -57,6 +59,9 @@ impl Report {
         if let Some(digest) = &self.installed_packages {
             map.insert(annotations::INSTALLED_PACKAGES.to_owned(), digest.clone());
         }
+        if let Some(digest) = &self.config_files {
+            map.insert(annotations::CONFIG_FILES.to_owned(), digest.clone());
+        }
         map
     }
 
@@ -71,6 +76,7 @@ impl Report {
                 .get(annotations::SERVER_HEALTHY)
                 .is_some_and(|h| h == "true"),
             installed_packages: a.get(annotations::INSTALLED_PACKAGES).cloned(),
+            config_files: a.get(annotations::CONFIG_FILES).cloned(),
         })
     }
 }
@@ -107,6 +113,26 @@ pub async fn publish_pod_event(pod: &str, namespace: &str, reason: &str, note: &
 pub struct Packages {
     pub list: std::path::PathBuf,
     pub installed: std::path::PathBuf,
+    /// The mounted configuration directory (the operator's ConfigMap).
+    pub config_dir: std::path::PathBuf,
+}
+
+/// The configuration files in a mounted ConfigMap directory, by name.
+/// The kubelet's own entries (`..data`, `..<timestamp>`) are skipped.
+fn config_files(dir: &std::path::Path) -> Option<BTreeMap<String, String>> {
+    let entries = std::fs::read_dir(dir).ok()?;
+    let mut files = BTreeMap::new();
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("..") {
+            continue;
+        }
+        let Ok(content) = std::fs::read_to_string(entry.path()) else {
+            continue;
+        };
+        files.insert(name, content);
+    }
+    Some(files)
 }
 
 /// How often the installed packages are checksummed again.
@@ -125,6 +151,7 @@ pub async fn watch(
     let mut quiesced = false;
     let mut first = true;
     let mut installed: Option<String> = None;
+    let mut files: Option<String> = None;
     let mut checked: Option<tokio::time::Instant> = None;
     info!(pod = pod_name, server = %hooks.address, "agent watching");
     loop {
@@ -172,6 +199,8 @@ pub async fn watch(
                 init::installed_digest(&list, &packages.installed)
                     .unwrap_or_else(|| "incomplete".to_owned())
             });
+            files = config_files(&packages.config_dir)
+                .map(|data| crate::render::files_digest(&data, pod_name));
             checked = Some(tokio::time::Instant::now());
         }
         let report = Report {
@@ -179,6 +208,7 @@ pub async fn watch(
             in_flight,
             healthy: hooks.healthy().await,
             installed_packages: installed.clone(),
+            config_files: files.clone(),
         };
         if Report::of(&pod).as_ref() != Some(&report) {
             let patch = serde_json::json!({"metadata": {"annotations": report.annotations()}});
@@ -190,5 +220,37 @@ pub async fn watch(
             }
         }
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::IntegrationCluster;
+
+    #[test]
+    fn the_agent_computes_the_operators_files_digest_from_a_mounted_configmap() {
+        let path = format!(
+            "{}/manifests/samples/generic.yaml",
+            env!("CARGO_MANIFEST_DIR")
+        );
+        let mut ic: IntegrationCluster =
+            serde_saphyr::from_str(&std::fs::read_to_string(path).expect("sample"))
+                .expect("parses");
+        ic.metadata.namespace = Some("prod".into());
+        let cluster = crate::validation::validate(&ic, &[]).expect("valid");
+        let rendered = crate::render::render(&ic, &cluster);
+        // What the kubelet mounts: one file per key, plus its own entries.
+        let dir = std::env::temp_dir().join(format!("agent-config-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("..2026_11_23_00_00_00.1")).expect("dir");
+        for (name, content) in &rendered.data {
+            std::fs::write(dir.join(name), content).expect("write");
+        }
+        let mounted = config_files(&dir).expect("readable");
+        assert_eq!(
+            crate::render::files_digest(&mounted, "catalog-1"),
+            rendered.files_digest("catalog-1")
+        );
     }
 }

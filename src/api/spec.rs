@@ -281,6 +281,13 @@ pub struct ServerSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health: Option<HealthSpec>,
 
+    /// Secret with keys `username` and `password` of the server's
+    /// administrator, which the agent uses for the admin hooks (MSR's
+    /// quiesce services need it). Mounted into the agent as environment,
+    /// never copied.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub admin_secret_ref: Option<LocalObjectRef>,
+
     /// Admin hooks the agent calls on the diagnostic port (generic profile;
     /// the other profiles have their own).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -342,6 +349,7 @@ impl Default for ServerSpec {
             env: BTreeMap::new(),
             files: BTreeMap::new(),
             health: None,
+            admin_secret_ref: None,
             hooks: None,
         }
     }

@@ -102,6 +102,13 @@ pub fn drift(pod: &Pod, rendered: &Rendered, image: &str) -> Option<String> {
     if packages != Some(rendered.packages_digest.as_str()) {
         return Some("package set changed".into());
     }
+    if let Some(files) = pod.annotations().get(annotations::CONFIG_FILES)
+        && *files != rendered.files_digest(name)
+    {
+        return Some(format!(
+            "configuration files in the pod differ from the ConfigMap (the agent reports {files})"
+        ));
+    }
     if let Some(installed) = pod.annotations().get(annotations::INSTALLED_PACKAGES)
         && installed != &rendered.packages_digest
     {

@@ -59,6 +59,22 @@ fn scaling_changes_no_running_node_digest() {
 }
 
 #[test]
+fn a_nodes_files_digest_ignores_other_nodes_files() {
+    let mut ic = sample("webmethods-is-stateful.yaml");
+    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    ic.spec.replicas = 5;
+    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    assert_eq!(
+        before.files_digest("orders-0"),
+        after.files_digest("orders-0")
+    );
+    assert_ne!(
+        after.files_digest("orders-0"),
+        after.files_digest("orders-1")
+    );
+}
+
+#[test]
 fn a_property_change_changes_every_node_digest() {
     let mut ic = sample("webmethods-is-stateful.yaml");
     let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"));

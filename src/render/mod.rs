@@ -40,6 +40,28 @@ pub struct Rendered {
     pub packages_digest: String,
 }
 
+impl Rendered {
+    /// The digest of the files `node` reads, as its agent computes it over
+    /// the mounted ConfigMap.
+    pub fn files_digest(&self, node: &str) -> String {
+        files_digest(&self.data, node)
+    }
+}
+
+/// Digest of the configuration files one node reads: every file but the
+/// other nodes' own files, so that scaling (which adds node files) does not
+/// change it for running nodes.
+pub fn files_digest(data: &BTreeMap<String, String>, node: &str) -> String {
+    let own = node_file(node);
+    let files: BTreeMap<&String, &String> = data
+        .iter()
+        .filter(|(name, _)| {
+            **name == own || !(name.starts_with("node-") && name.ends_with(".properties"))
+        })
+        .collect();
+    digest(&files)
+}
+
 /// The file that holds one node's own settings.
 pub fn node_file(node: &str) -> String {
     format!("node-{node}.properties")
@@ -93,16 +115,24 @@ pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Rendered {
 struct PodInputs<'a> {
     data: &'a BTreeMap<String, String>,
     image: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
     image_pull_policy: &'a Option<crate::api::PullPolicy>,
     ports: &'a crate::api::PortsSpec,
     env: &'a BTreeMap<String, String>,
     config_from: &'a [crate::api::ConfigSource],
+    #[serde(skip_serializing_if = "Option::is_none")]
     health: &'a Option<crate::api::HealthSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     resources: &'a Option<k8s_openapi::api::core::v1::ResourceRequirements>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     storage: &'a Option<crate::api::StorageSpec>,
     pod_labels: &'a BTreeMap<String, String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     agent: &'a Option<crate::api::AgentSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     hooks: &'a Option<crate::api::HooksSpec>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    admin_secret: &'a Option<crate::api::LocalObjectRef>,
 }
 
 fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> String {
@@ -120,6 +150,7 @@ fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> St
         pod_labels: &spec.pod_labels,
         agent: &spec.agent,
         hooks: &spec.server.hooks,
+        admin_secret: &spec.server.admin_secret_ref,
     })
 }
 

@@ -6,9 +6,9 @@ use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
     EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource,
     ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate,
-    PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretProjection,
-    SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
-    VolumeProjection,
+    PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
+    SecretProjection, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -309,10 +309,22 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         empty_dir: Some(EmptyDirVolumeSource::default()),
         ..Volume::default()
     });
-    mounts.push(VolumeMount {
-        read_only: Some(true),
-        ..mount("packages", init::STAGING_DIR)
-    });
+    if spec.profile == Profile::WebmethodsIs {
+        // IS loads packages from <IS>/packages/<Pkg>: each unpacked package
+        // is mounted there, beside the built-in ones (WmRoot, WmPublic, ...).
+        for package in &spec.packages {
+            mounts.push(VolumeMount {
+                sub_path: Some(package.name.clone()),
+                read_only: Some(false),
+                ..mount("packages", &format!("{IS_HOME}/packages/{}", package.name))
+            });
+        }
+    } else {
+        mounts.push(VolumeMount {
+            read_only: Some(true),
+            ..mount("packages", init::STAGING_DIR)
+        });
+    }
     let mut init_mounts = vec![
         mount("config", CONFIG_DIR),
         VolumeMount {
@@ -392,6 +404,25 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
     ));
     for (name, value) in agent_hooks(ic) {
         agent_env.push(env(name, value));
+    }
+    if let Some(secret) = &spec.server.admin_secret_ref {
+        for (name, key) in [
+            ("SERVER_USERNAME", "username"),
+            ("SERVER_PASSWORD", "password"),
+        ] {
+            agent_env.push(EnvVar {
+                name: name.into(),
+                value: None,
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: key.into(),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+            });
+        }
     }
     let sidecar = Container {
         name: "agent".into(),
@@ -698,6 +729,48 @@ mod tests {
                 .is_some_and(|p| p.contains("setQuiesceMode"))
         );
         assert_eq!(spec.service_account_name.as_deref(), Some("orders-agent"));
+        let server = &spec.containers[0];
+        let kafka = server
+            .volume_mounts
+            .iter()
+            .flatten()
+            .find(|m| m.sub_path.as_deref() == Some("WmKafkaAdapter"))
+            .map(|m| m.mount_path.as_str());
+        assert_eq!(
+            kafka,
+            Some("/opt/softwareag/IntegrationServer/packages/WmKafkaAdapter")
+        );
+    }
+
+    #[test]
+    fn the_agent_gets_the_admin_credentials_from_the_secret_never_as_values() {
+        let mut ic = sample("webmethods-is-stateful.yaml");
+        ic.spec.server.admin_secret_ref = Some(crate::api::LocalObjectRef {
+            name: "orders-admin".into(),
+        });
+        let cluster = validation::validate(&ic, &[]).expect("valid");
+        let pod = pod(&ic, &render::render(&ic, &cluster), &cluster.members[0]);
+        let spec = pod.spec.expect("spec");
+        let agent = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "agent")
+            .expect("sidecar");
+        let password = agent
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == "SERVER_PASSWORD")
+            .expect("password env");
+        assert_eq!(password.value, None);
+        let from = password
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref());
+        assert_eq!(
+            from.map(|r| (r.name.as_str(), r.key.as_str())),
+            Some(("orders-admin", "password"))
+        );
     }
 
     #[test]

@@ -17,6 +17,10 @@ pub struct ServerState {
     pub in_flight: u64,
     /// Hook calls in order: "quiesce", "resume".
     pub calls: Vec<String>,
+    /// When set, admin hooks answer 401 without this Authorization header.
+    pub authorization: Option<String>,
+    /// Files served on GET (package archives for url sources).
+    pub files: std::collections::BTreeMap<String, Vec<u8>>,
 }
 
 /// One stand-in server on a free loopback port; stops with the test.
@@ -67,6 +71,18 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
     let mut s = state
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some(file) = s.files.get(request.uri().path()) {
+        return Response::new(Full::new(Bytes::from(file.clone())));
+    }
+    let presented = request
+        .headers()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok());
+    if s.authorization.is_some() && s.authorization.as_deref() != presented {
+        let mut response = Response::new(Full::new(Bytes::from("unauthorized")));
+        *response.status_mut() = hyper::StatusCode::UNAUTHORIZED;
+        return response;
+    }
     let body = match (request.method().as_str(), request.uri().path()) {
         ("POST", "/quiesce") => {
             s.quiesced = true;
@@ -81,7 +97,10 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
         ("GET", "/inflight") => s.in_flight.to_string(),
         ("GET", "/health") => "UP".into(),
         _ => {
-            let mut response = Response::new(Full::new(Bytes::from("not found")));
+            let mut response = Response::new(Full::new(Bytes::from(format!(
+                "not found: {}",
+                request.uri()
+            ))));
             *response.status_mut() = hyper::StatusCode::NOT_FOUND;
             return response;
         }
