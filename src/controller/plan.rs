@@ -199,12 +199,13 @@ pub fn plan(
             });
             "scaling down: deleting the pod"
         };
+        let (config, packages, _) = workload::digests_of(pod);
         plan.nodes.push(NodeView {
             name: node,
             state: NodeState::Removing,
             ready: workload::is_ready(pod),
-            config_digest: workload::digests_of(pod).0.map(str::to_owned),
-            packages_digest: workload::digests_of(pod).1.map(str::to_owned),
+            config_digest: config.map(str::to_owned),
+            packages_digest: packages.map(str::to_owned),
             logical_hostname: None,
             message: Some(message.into()),
         });
