@@ -6,6 +6,7 @@
 mod support;
 
 use std::process::Command;
+use std::time::Duration;
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus, NodeState, Phase};
 use k8s_openapi::api::core::v1::Pod;
@@ -57,7 +58,7 @@ async fn ready_endpoints(client: &Client, ns: &str, service: &str) -> Vec<String
 
 async fn endpoints_become(client: &Client, ns: &str, service: &str, expected: &[&str]) {
     wait_until(
-        std::time::Duration::from_secs(60),
+        Duration::from_secs(60),
         &format!("{service} endpoints {expected:?}"),
         || async {
             let now = ready_endpoints(client, ns, service).await;
@@ -121,7 +122,12 @@ async fn offline_online_remove_and_add_back() {
         state(s, "c-2") == Some(NodeState::Offline)
     })
     .await;
-    let back = pods.get("c-2").await.expect("c-2 is back");
+    // Status says Offline from the reconcile that creates the pod, so the
+    // pod may appear a moment later.
+    let back = wait_until(Duration::from_secs(30), "c-2's new pod", || async {
+        pods.get_opt("c-2").await.ok().flatten()
+    })
+    .await;
     assert_ne!(back.metadata.uid, old);
     assert_eq!(ready_endpoints(&client, &ns, "c").await, ["c-0", "c-1"]);
     plugin(&ns, &["online", "c", "c-2"]);
