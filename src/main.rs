@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use integration_operator::{agent, api, controller, telemetry};
+use integration_operator::{agent, api, controller, render, telemetry};
 
 /// Kubernetes operator for clustered integration servers.
 #[derive(Parser)]
@@ -46,25 +46,20 @@ enum AgentCommand {
     /// nothing. A failure is written to the termination log and published
     /// as an Event on the pod, and the server never starts.
     Init {
-        /// The package list the operator rendered.
-        #[arg(
-            long,
-            env = "PACKAGES_FILE",
-            default_value = "/etc/integration/config/packages.json"
-        )]
-        packages_file: std::path::PathBuf,
+        #[command(flatten)]
+        packages: PackageList,
         /// Where ConfigMap package sources are mounted (<dir>/<configmap>/<key>).
         #[arg(
             long,
             env = "PACKAGE_CONFIGMAPS_DIR",
-            default_value = "/etc/integration/package-sources/configmaps"
+            default_value = agent::init::CONFIG_MAP_SOURCES
         )]
         config_maps_dir: std::path::PathBuf,
         /// Where image package sources are mounted (<dir>/<path>).
         #[arg(
             long,
             env = "PACKAGE_IMAGES_DIR",
-            default_value = "/etc/integration/package-sources/images"
+            default_value = agent::init::IMAGE_SOURCES
         )]
         images_dir: std::path::PathBuf,
         /// The server's package directory.
@@ -105,13 +100,8 @@ enum AgentCommand {
         /// Health endpoint (GET); without it a TCP connect counts.
         #[arg(long, env = "HEALTH_PATH")]
         health_path: Option<String>,
-        /// The package list the operator rendered.
-        #[arg(
-            long,
-            env = "PACKAGES_FILE",
-            default_value = "/etc/integration/config/packages.json"
-        )]
-        packages_file: std::path::PathBuf,
+        #[command(flatten)]
+        packages: PackageList,
         /// Administrator user for the admin hooks.
         #[arg(long, env = "SERVER_USERNAME")]
         username: Option<String>,
@@ -120,15 +110,24 @@ enum AgentCommand {
         #[arg(long, env = "SERVER_PASSWORD", hide_env_values = true)]
         password: Option<String>,
         /// Where agent init staged the packages.
-        #[arg(long, env = "PACKAGE_DIR", default_value = "/opt/integration/packages")]
+        #[arg(long, env = "PACKAGE_DIR", default_value = agent::init::STAGING_DIR)]
         installed_dir: std::path::PathBuf,
         /// The mounted configuration (the operator's ConfigMap).
-        #[arg(long, env = "CONFIG_DIR", default_value = "/etc/integration/config")]
+        #[arg(long, env = "CONFIG_DIR", default_value = render::CONFIG_DIR)]
         config_dir: std::path::PathBuf,
         /// How often to look at the pod and the server, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
+}
+
+/// The package list the operator renders into the ConfigMap; init installs
+/// it, watch checks what is installed against it.
+#[derive(clap::Args)]
+struct PackageList {
+    /// The package list the operator rendered.
+    #[arg(long, env = "PACKAGES_FILE", default_value_os_t = render::packages_path())]
+    packages_file: std::path::PathBuf,
 }
 
 #[tokio::main]
@@ -141,7 +140,7 @@ async fn main() -> ExitCode {
         } => run(namespace, log_format).await,
         Command::Crd => print_crd(),
         Command::Agent(AgentCommand::Init {
-            packages_file,
+            packages,
             config_maps_dir,
             images_dir,
             target,
@@ -154,7 +153,14 @@ async fn main() -> ExitCode {
                 images: images_dir,
             };
             let pod = pod_name.zip(pod_namespace);
-            agent_init(&packages_file, &sources, &target, &termination_log, pod).await
+            agent_init(
+                &packages.packages_file,
+                &sources,
+                &target,
+                &termination_log,
+                pod,
+            )
+            .await
         }
         Command::Agent(AgentCommand::Watch {
             pod_name,
@@ -164,7 +170,7 @@ async fn main() -> ExitCode {
             resume_path,
             in_flight_path,
             health_path,
-            packages_file,
+            packages: package_list,
             username,
             password,
             installed_dir,
@@ -172,7 +178,7 @@ async fn main() -> ExitCode {
             interval_ms,
         }) => {
             let packages = agent::Packages {
-                list: packages_file,
+                list: package_list.packages_file,
                 installed: installed_dir,
                 config_dir,
             };

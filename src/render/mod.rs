@@ -25,6 +25,11 @@ pub const PACKAGES_FILE: &str = "packages.json";
 /// Where the rendered ConfigMap is mounted in every server container.
 pub const CONFIG_DIR: &str = "/etc/integration/config";
 
+/// Where the agent finds the package list in its pod.
+pub fn packages_path() -> std::path::PathBuf {
+    std::path::Path::new(CONFIG_DIR).join(PACKAGES_FILE)
+}
+
 /// The rendered configuration of a cluster.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Rendered {

@@ -388,7 +388,7 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         args: Some(vec![
             "agent".into(),
             "init".into(),
-            format!("--packages-file={CONFIG_DIR}/{}", render::PACKAGES_FILE),
+            format!("--packages-file={}", render::packages_path().display()),
             format!("--target={}", init::STAGING_DIR),
         ]),
         env: Some(pod_env.clone()),
