@@ -51,7 +51,7 @@ pub enum Problem {
         hostname: String,
     },
     #[error(
-        "spec.server.properties: {key} is set by the operator from the spec (cluster name, cache, session timeout, logical host names) and cannot be overridden"
+        "spec.server.properties: {key} is set by the operator from the spec (cluster name, cache, session timeout, logical host names, database.lockBreakSeconds) and cannot be overridden"
     )]
     ReservedProperty { key: String },
     #[error(

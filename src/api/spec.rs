@@ -489,6 +489,7 @@ pub struct ConfigMapKeyRef {
     validation = Rule::new("self.mode != 'external' || has(self.external)").message("required when cache.mode is external").field_path(".external"),
     validation = Rule::new("self.mode == 'external' || !has(self.external)").message("only allowed when cache.mode is external").field_path(".external"),
     validation = Rule::new("self.mode == 'managed' || !has(self.managed)").message("only allowed when cache.mode is managed").field_path(".managed"),
+    validation = Rule::new("self.mode != 'managed' || (has(self.managed) && has(self.managed.image) && has(self.managed.licenseSecretRef))").message("a managed cache needs managed.image and managed.licenseSecretRef: BigMemory Max images and licences are the customer's own").field_path(".managed"),
 )]
 pub struct CacheSpec {
     /// managed: the operator runs a Terracotta Server Array; external: the
@@ -536,6 +537,10 @@ pub struct ManagedCacheSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|Pi|Ei|k|M|G|T|P|E)?$"))]
     pub storage: Option<String>,
+    /// Secret key holding the Terracotta licence (license.key); mounted
+    /// into the cache servers, never read by the operator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub license_secret_ref: Option<SecretKeyRef>,
 }
 
 fn default_cache_replicas() -> i32 {
@@ -590,6 +595,24 @@ pub struct DatabaseSpec {
     )]
     #[x_kube(merge_strategy = ListMerge::Set)]
     pub components: Vec<String>,
+    /// Seconds after which the guaranteed-delivery locks of a node that is
+    /// gone are broken so that other nodes take its work over
+    /// (webMethods watt.server.tx.cluster.lockBreakSecs).
+    #[serde(default = "default_lock_break")]
+    #[schemars(range(min = 1, max = 86400))]
+    pub lock_break_seconds: i32,
+    /// Connections each server's pool may open per component.
+    #[serde(default = "default_max_connections")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_connections: i32,
+}
+
+fn default_lock_break() -> i32 {
+    120
+}
+
+fn default_max_connections() -> i32 {
+    10
 }
 
 /// How the database is provided.

@@ -126,6 +126,9 @@ pub struct CacheStatus {
     /// URLs the servers connect to.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub urls: Vec<String>,
+    /// Ready servers of a managed cache.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready_servers: Option<i32>,
 }
 
 /// The shared database as observed.
@@ -138,4 +141,14 @@ pub struct DatabaseStatus {
     /// Latest applied migration version.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub schema_version: Option<i64>,
+    /// host:port of the database server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    /// The cluster's database on that server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub database: Option<String>,
+    /// Secret with the cluster role's credentials (username, password,
+    /// host, port, database).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub credentials_secret: Option<String>,
 }

@@ -35,6 +35,7 @@ pub const RESERVED: &[&str] = &[
     "watt.server.cluster.SessTimeout",
     "watt.server.cachemanager.connectTimeout",
     "watt.server.scheduler.logical.hostname",
+    "watt.server.tx.cluster.lockBreakSecs",
 ];
 
 /// The template key of a spec property: extended settings get `settings.`.
