@@ -5,6 +5,7 @@
 //! - [`naming`]: cluster, node and logical host names.
 //! - [`validation`]: the checks the API server cannot make.
 //! - [`controller`]: the reconcile pipeline.
+//! - [`database`]: the cluster database (provisioning, migrations, guaranteed delivery).
 //! - [`render`], [`workload`]: configuration and the objects built from it.
 //! - [`plugin`]: the pure parts of `kubectl integration`.
 //! - [`telemetry`]: logging setup.
@@ -12,6 +13,7 @@
 pub mod agent;
 pub mod api;
 pub mod controller;
+pub mod database;
 pub mod naming;
 pub mod plugin;
 pub mod render;

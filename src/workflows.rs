@@ -15,7 +15,8 @@
 //! quiesce the server, and "drained" means quiesced with no work in flight;
 //! coming online asks it to resume and waits until the server is healthy.
 //! Without an agent, "drained" means the node gets no client traffic.
-//! (Pending guaranteed-delivery work joins the drain with the database.)
+//! Removal also waits until the node owns no unfinished guaranteed-delivery
+//! work in the cluster database.
 
 use crate::api::NodeState;
 
@@ -69,6 +70,18 @@ pub struct Facts {
     pub slot_free: bool,
     /// Taking this node offline would leave no node online.
     pub last_online: bool,
+    /// Guaranteed-delivery work the node owns in the cluster database.
+    pub gd: GdWork,
+}
+
+/// Unfinished guaranteed-delivery work of a node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GdWork {
+    /// The cluster has no database: nothing to wait for.
+    NotTracked,
+    /// The database did not answer: not drained.
+    Unknown,
+    Unfinished(u64),
 }
 
 /// One change to the world.
@@ -228,6 +241,19 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 }) => (false, format!("{n} requests in flight")),
                 Some(_) => (false, "the agent to report in-flight work".to_owned()),
             };
+            // Removal also waits for the node's guaranteed-delivery work:
+            // deleting a server that owns some would lose it (seed 003).
+            let (drained, waiting_for) = match (removing && drained, facts.gd) {
+                (true, GdWork::Unfinished(n)) if n > 0 => (
+                    false,
+                    format!("{n} unfinished guaranteed-delivery transactions"),
+                ),
+                (true, GdWork::Unknown) => (
+                    false,
+                    "the cluster database to report guaranteed-delivery work".to_owned(),
+                ),
+                _ => (drained, waiting_for),
+            };
             if !removing {
                 return if drained {
                     decision(
@@ -288,6 +314,7 @@ mod tests {
             drain_timeout_seconds: 600,
             force: false,
             slot_free: true,
+            gd: GdWork::NotTracked,
             last_online: false,
         }
     }
@@ -396,6 +423,64 @@ mod tests {
             run(Some(Removed), Intent::Remove, facts(PodFacts::Absent)),
             (Removed, vec![])
         );
+    }
+
+    #[test]
+    fn removal_waits_for_guaranteed_delivery_work_and_offline_does_not() {
+        let owning = |gd| Facts { gd, ..facts(OFF) };
+        let d = decide(
+            "n-1",
+            Some(Draining),
+            Intent::Remove,
+            &owning(GdWork::Unfinished(3)),
+        );
+        assert_eq!((d.state, d.steps.clone()), (Draining, vec![]));
+        assert!(
+            d.message.contains("3 unfinished guaranteed-delivery"),
+            "{}",
+            d.message
+        );
+        let d = decide(
+            "n-1",
+            Some(Draining),
+            Intent::Remove,
+            &owning(GdWork::Unknown),
+        );
+        assert_eq!((d.state, d.steps.clone()), (Draining, vec![]));
+        assert!(d.message.contains("cluster database"), "{}", d.message);
+        assert_eq!(
+            run(
+                Some(Draining),
+                Intent::Remove,
+                owning(GdWork::Unfinished(0))
+            ),
+            (Removing, vec![Step::DeletePod])
+        );
+        assert_eq!(
+            run(
+                Some(Draining),
+                Intent::Offline,
+                owning(GdWork::Unfinished(3))
+            ),
+            (Offline, vec![])
+        );
+        let late = Facts {
+            in_state_seconds: 601,
+            ..owning(GdWork::Unfinished(3))
+        };
+        let d = decide("n-1", Some(Draining), Intent::Remove, &late);
+        assert!(d.stalled.is_some_and(|s| s.contains("guaranteed-delivery")));
+        let forced = decide(
+            "n-1",
+            Some(Draining),
+            Intent::Remove,
+            &Facts {
+                force: true,
+                ..late
+            },
+        );
+        assert!(forced.forced);
+        assert_eq!(forced.steps, vec![Step::DeletePod]);
     }
 
     #[test]

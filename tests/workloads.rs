@@ -122,6 +122,9 @@ async fn setup(prefix: &str) -> Setup {
 #[tokio::test]
 async fn each_profile_comes_up_ready_with_all_its_objects() {
     let s = setup("profiles").await;
+    for secret in ["orders-db-admin", "identity-db-admin"] {
+        database_admin_secret(&s.client, &s.ns, secret, &postgres_admin_url()).await;
+    }
     for sample in ["webmethods-is-stateful", "wso2-carbon", "generic"] {
         let path = format!(
             "{}/manifests/samples/{sample}.yaml",

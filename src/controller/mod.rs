@@ -7,6 +7,7 @@
 
 mod apply;
 mod conditions;
+mod database;
 mod plan;
 mod status;
 
@@ -73,6 +74,10 @@ pub enum Error {
     NotNamespaced(String),
     #[error("finalizer: {0}")]
     Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("{0}")]
+    Database(#[source] crate::database::DbError),
+    #[error("generating a password: {0}")]
+    Random(String),
 }
 
 impl Error {
@@ -85,6 +90,8 @@ impl Error {
             Error::Serialize(_) => "serialize",
             Error::NotNamespaced(_) => "not_namespaced",
             Error::Finalizer(_) => "finalizer",
+            Error::Database(_) => "database",
+            Error::Random(_) => "random",
         }
     }
 }
@@ -97,6 +104,8 @@ pub struct Context {
     pub store: Store<IntegrationCluster>,
     /// Consecutive failed reconciles per cluster, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// Cluster databases: provisioning results and connection pools.
+    pub databases: database::Databases,
 }
 
 impl Context {
@@ -192,6 +201,7 @@ pub async fn run(client: Client, scope: Scope) {
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
         store: controller.store(),
         failures: Mutex::default(),
+        databases: database::Databases::default(),
     });
     info!(?scope, "controller started");
     controller
@@ -306,26 +316,62 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         return Ok(Action::requeue(RESYNC));
     };
 
+    // the shared database: where it is, provisioned when due
+    let db = database::observe(&ctx.client, &ctx.databases, ic).await?;
+    if let Some(view) = &db
+        && !view.changes.is_empty()
+    {
+        let note = format!(
+            "database {} on {}: {}",
+            view.status.database.as_deref().unwrap_or_default(),
+            view.status.host.as_deref().unwrap_or_default(),
+            view.changes.join(", ")
+        );
+        apply::publish(ctx, ic, EventType::Normal, "DatabaseProvisioned", note).await;
+    }
+
     // render and plan
-    let rendered = render::render(ic, cluster);
+    let endpoint = db.as_ref().and_then(|v| v.endpoint.as_ref());
+    let rendered = render::render(ic, cluster, endpoint);
     if !ic.spec.paused {
         apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }
     let (pods, claims) = apply::observe(ctx, ic).await?;
+    let gd = guaranteed_delivery_work(ic, db.as_ref(), &pods).await;
+    let start_blocked = match &db {
+        Some(view) if !view.credentials_ready => {
+            Some("waiting for the database endpoint before starting servers".to_owned())
+        }
+        _ => None,
+    };
     let observed = plan::Observed {
         pods: &pods,
         claims: &claims,
+        gd: gd.as_ref().map(|r| r.as_ref().map_err(|_| ())),
+        start_blocked: start_blocked.as_deref(),
         now: Timestamp::now(),
     };
     let plan = plan::plan(ic, cluster, &rendered, &observed);
 
     // status first: it reports what was observed and why the actions follow
+    let shared_problem = db
+        .as_ref()
+        .and_then(|v| v.problem.as_ref())
+        .map(|p| (p.class.reason(), p.to_string()));
     let progress = status::Progress {
         plan: &plan,
         rendered: &rendered,
+        database: db.as_ref().map(|v| v.status.clone()),
+        cache: None,
+        shared_problem,
     };
     let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());
     write_status(ctx, ic, &current, &desired).await?;
+    if let Some((reason, message)) = &progress.shared_problem
+        && status::newly_true(&current, &desired, condition::DEGRADED)
+    {
+        apply::publish(ctx, ic, EventType::Warning, reason, message.clone()).await;
+    }
     if status::newly_true(&current, &desired, condition::CONFIG_DRIFT) {
         let note = format!("configuration drift: {}", drift_summary(&plan));
         apply::publish(ctx, ic, EventType::Normal, "ConfigDrift", note).await;
@@ -346,11 +392,113 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     }
     apply::execute(ctx, ic, &plan.actions).await?;
     info!(%namespace, %name, actions = plan.actions.len(), "reconciled");
+    let lock_break_in = match db.as_ref().and_then(|v| v.pool.as_ref()) {
+        Some(pool) => after_apply(ctx, ic, pool, &pods, &plan).await,
+        None => None,
+    };
 
     // Nodes on their way somewhere are looked at again soon; pod events
     // usually come first, but the progress deadline is a matter of time.
-    let settled = desired.phase == Some(Phase::Ready) && plan.actions.is_empty();
-    Ok(Action::requeue(if settled { RESYNC } else { RETRY }))
+    let settled = matches!(desired.phase, Some(Phase::Ready | Phase::Degraded))
+        && plan.actions.is_empty()
+        && plan.waiting.is_none();
+    let mut next = if settled { RESYNC } else { RETRY };
+    for due in [db.as_ref().and_then(|v| v.retry_in), lock_break_in]
+        .into_iter()
+        .flatten()
+    {
+        next = next.min(due.max(Duration::from_secs(1)));
+    }
+    Ok(Action::requeue(next))
+}
+
+/// Unfinished guaranteed-delivery work of the nodes being removed: None
+/// without a database, Err when it could not be read.
+async fn guaranteed_delivery_work(
+    ic: &IntegrationCluster,
+    db: Option<&database::View>,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+) -> Option<Result<std::collections::BTreeMap<String, u64>, ()>> {
+    let db = db?;
+    let removing: Vec<String> = ic
+        .spec
+        .nodes
+        .iter()
+        .flat_map(|n| n.remove.iter())
+        .filter(|node| pods.iter().any(|p| p.name_any() == **node))
+        .cloned()
+        .collect();
+    if removing.is_empty() {
+        return Some(Ok(Default::default()));
+    }
+    let Some(pool) = &db.pool else {
+        return Some(Err(()));
+    };
+    Some(
+        crate::database::gd::unfinished_by_node(pool, &removing)
+            .await
+            .map_err(|e| {
+                warn!(cluster = %ic.name_any(), error = %crate::database::DbError::from_sqlx(db.status.host.as_deref().unwrap_or_default(), &e), "reading guaranteed-delivery work failed");
+            }),
+    )
+}
+
+/// Database bookkeeping after the actions: break the locks of nodes that
+/// are gone (at once for forced ones) and record the members. Returns when
+/// the next lock may be broken.
+async fn after_apply(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    pool: &sqlx::PgPool,
+    pods: &[k8s_openapi::api::core::v1::Pod],
+    plan: &plan::Plan,
+) -> Option<Duration> {
+    let live: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+    let forced: Vec<String> = ic
+        .annotations()
+        .get(plan::FORCE_ANNOTATION)
+        .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect())
+        .unwrap_or_default();
+    let lock_break = ic
+        .spec
+        .database
+        .as_ref()
+        .map_or(120, |d| i64::from(d.lock_break_seconds));
+    let mut next = None;
+    match crate::database::gd::break_locks(pool, &live, &forced, lock_break).await {
+        Ok(broken) => {
+            for (node, count) in &broken.released {
+                let why = if forced.contains(node) {
+                    "removed with the force annotation".to_owned()
+                } else {
+                    format!("gone for more than lockBreakSeconds ({lock_break}s)")
+                };
+                let note = format!(
+                    "released {count} guaranteed-delivery transactions of {node} ({why}); the other nodes take them over"
+                );
+                apply::publish(ctx, ic, EventType::Warning, "LocksBroken", note).await;
+            }
+            next = broken.next_in_seconds.map(Duration::from_secs);
+        }
+        Err(e) => {
+            warn!(cluster = %ic.name_any(), error = %e, "breaking guaranteed-delivery locks failed")
+        }
+    }
+    let members: Vec<(String, String, String)> = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                n.logical_hostname.clone().unwrap_or_default(),
+                format!("{:?}", n.state),
+            )
+        })
+        .collect();
+    if let Err(e) = crate::database::gd::record_members(pool, &members).await {
+        warn!(cluster = %ic.name_any(), error = %e, "recording members failed");
+    }
+    next
 }
 
 fn drift_summary(plan: &plan::Plan) -> String {
@@ -397,6 +545,16 @@ async fn write_status(
 /// Deletion: with Retain, volume claims are released first so the garbage
 /// collector keeps them; everything else the cluster owns goes with it.
 async fn cleanup(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error> {
+    let delete = ic.spec.deletion_policy == DeletionPolicy::Delete;
+    if let Some(note) = database::cleanup(&ctx.client, ic, delete).await? {
+        let reason = if delete {
+            "DatabaseDropped"
+        } else {
+            "DatabaseRetained"
+        };
+        apply::publish(ctx, ic, EventType::Normal, reason, note).await;
+    }
+    database::forget(&ctx.databases, ic);
     if ic.spec.deletion_policy == DeletionPolicy::Retain {
         let released = apply::release_claims(ctx, ic).await?;
         if !released.is_empty() {

@@ -19,7 +19,7 @@ use k8s_openapi::jiff::Timestamp;
 use crate::agent::Report;
 use crate::api::{DeletionPolicy, IntegrationCluster, NodeState, NodeStatus};
 use crate::naming::annotations;
-use crate::workflows::{self, AgentFacts, Facts, Intent, PodFacts, Step};
+use crate::workflows::{self, AgentFacts, Facts, GdWork, Intent, PodFacts, Step};
 use kube::ResourceExt;
 
 /// Nodes (comma-separated) whose workflow may pass its safety stops: the
@@ -34,6 +34,11 @@ use crate::workload;
 pub struct Observed<'a> {
     pub pods: &'a [Pod],
     pub claims: &'a [PersistentVolumeClaim],
+    /// Unfinished guaranteed-delivery work per node; None when the cluster
+    /// has no database, Some(Err) when the database did not answer.
+    pub gd: Option<Result<&'a BTreeMap<String, u64>, ()>>,
+    /// Why new servers cannot start yet, if they cannot.
+    pub start_blocked: Option<&'a str>,
     pub now: Timestamp,
 }
 
@@ -90,6 +95,9 @@ pub struct Plan {
     pub forced: Vec<String>,
     /// Member pods that are not Ready yet but still within the deadline.
     pub starting: i32,
+    /// Why servers are neither started nor replaced now (the cache or the
+    /// database they need is not there yet).
+    pub waiting: Option<String>,
 }
 
 /// Why `pod` differs from what `member` should run, if it does.
@@ -300,6 +308,13 @@ pub fn plan(
             slot_free: holds
                 || slots_used < usize::try_from(spec.rollout.max_unavailable).unwrap_or(1),
             last_online: online_now.len() == 1 && online_now.contains(member.name.as_str()),
+            gd: match observed.gd {
+                None => GdWork::NotTracked,
+                Some(Err(())) => GdWork::Unknown,
+                Some(Ok(counts)) => {
+                    GdWork::Unfinished(counts.get(&member.name).copied().unwrap_or(0))
+                }
+            },
         };
         let mut decision = workflows::decide(&member.name, before.map(|n| n.state), intent, &facts);
         let drifted = pod.and_then(|p| drift(p, rendered, &spec.image));
@@ -425,7 +440,12 @@ pub fn plan(
 
     // Rolling replacement. A drifted node that is not Ready anyway is
     // replaced at once: that costs no availability. A Ready one needs a
-    // budget slot, and none is spent while the rollout is stalled.
+    // budget slot, and none is spent while the rollout is stalled. Nothing
+    // is replaced while new servers could not start.
+    if observed.start_blocked.is_some() {
+        broken_drifted.clear();
+        candidates.clear();
+    }
     for node in &broken_drifted {
         replace(&mut plan, pods[node.as_str()], node);
     }
@@ -446,6 +466,14 @@ pub fn plan(
         }
     }
 
+    if let Some(why) = observed.start_blocked {
+        let before = plan.actions.len();
+        plan.actions
+            .retain(|a| !matches!(a, Action::CreatePod(_) | Action::CreateClaim(_)));
+        if plan.actions.len() < before || !plan.drifted.is_empty() {
+            plan.waiting = Some(why.to_owned());
+        }
+    }
     if spec.paused {
         plan.actions.clear();
     }
@@ -513,7 +541,7 @@ mod tests {
     /// The pods `ic` wants, created at second 0, in the given state.
     fn pods(ic: &IntegrationCluster, containers_ready: bool, online: bool) -> Vec<Pod> {
         let v = validation::validate(ic, &[]).expect("valid");
-        let rendered = render::render(ic, &v);
+        let rendered = render::render(ic, &v, None);
         v.members
             .iter()
             .map(|m| {
@@ -558,7 +586,7 @@ mod tests {
         now: i64,
     ) -> Plan {
         let v = validation::validate(ic, &[]).expect("valid");
-        let rendered = render::render(ic, &v);
+        let rendered = render::render(ic, &v, None);
         plan(
             ic,
             &v,
@@ -566,6 +594,8 @@ mod tests {
             &Observed {
                 pods,
                 claims,
+                gd: None,
+                start_blocked: None,
                 now: at(now),
             },
         )

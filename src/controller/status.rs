@@ -7,7 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 use super::conditions::{self, Desired};
 use super::plan::Plan;
 use crate::api::{
-    IntegrationCluster, IntegrationClusterStatus, NodeState, NodeStatus, Phase, condition,
+    CacheStatus, DatabaseStatus, IntegrationCluster, IntegrationClusterStatus, NodeState,
+    NodeStatus, Phase, condition,
 };
 use crate::render::Rendered;
 use crate::validation::{Problem, ValidatedCluster};
@@ -16,6 +17,12 @@ use crate::validation::{Problem, ValidatedCluster};
 pub struct Progress<'a> {
     pub plan: &'a Plan,
     pub rendered: &'a Rendered,
+    /// The database and cache as observed (None: the cluster has none).
+    pub database: Option<DatabaseStatus>,
+    pub cache: Option<CacheStatus>,
+    /// What is wrong with the cache or database: a Degraded reason and
+    /// message.
+    pub shared_problem: Option<(&'static str, String)>,
 }
 
 /// Reason of a passing validation.
@@ -62,7 +69,8 @@ pub fn desired(
         ..current.clone()
     };
     if let (Ok(_), Some(progress)) = (validated, progress) {
-        let (workload_conditions, workload_phase) = workload_conditions(ic, progress.plan);
+        let (workload_conditions, workload_phase) =
+            workload_conditions(ic, progress.plan, progress.shared_problem.as_ref());
         decided.extend(workload_conditions);
         phase = workload_phase;
         status.config_digest = Some(progress.rendered.config_digest.clone());
@@ -70,6 +78,8 @@ pub fn desired(
         status.ready_replicas = Some(progress.plan.ready);
         status.online_replicas = Some(progress.plan.online);
         status.nodes = node_statuses(&current, progress.plan, now);
+        status.database = progress.database.clone();
+        status.cache = progress.cache.clone();
     }
     status.phase = Some(phase);
     status.conditions =
@@ -106,7 +116,11 @@ fn node_statuses(
 
 /// Ready, Progressing, Degraded, ConfigDrift and Stalled, and the phase
 /// that sums them up.
-fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, Phase) {
+fn workload_conditions(
+    ic: &IntegrationCluster,
+    plan: &Plan,
+    shared_problem: Option<&(&'static str, String)>,
+) -> (Vec<Desired>, Phase) {
     let spec = &ic.spec;
     let replicas = spec.replicas;
     let drift_message = plan
@@ -165,6 +179,13 @@ fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, P
             "Stalled",
             "the rollout waits for help, see Stalled",
         )
+    } else if let Some(why) = &plan.waiting {
+        Desired::new(
+            condition::PROGRESSING,
+            true,
+            "WaitingForDependencies",
+            format!("{why}; {counts}"),
+        )
     } else if !plan.drifted.is_empty() {
         Desired::new(
             condition::PROGRESSING,
@@ -186,11 +207,15 @@ fn workload_conditions(ic: &IntegrationCluster, plan: &Plan) -> (Vec<Desired>, P
                 plan.ready
             ),
         )
+    } else if let Some((reason, message)) = shared_problem {
+        Desired::new(condition::DEGRADED, true, *reason, message.clone())
     } else {
         Desired::new(condition::DEGRADED, false, "Available", counts)
     };
     let phase = if plan.stalled.is_some() {
         Phase::Stalled
+    } else if settled && shared_problem.is_some() {
+        Phase::Degraded
     } else if settled {
         Phase::Ready
     } else if plan.ready < minimum

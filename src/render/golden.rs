@@ -21,7 +21,20 @@ fn sample(file: &str) -> IntegrationCluster {
 fn check(sample_file: &str, golden: &str) {
     let ic = sample(sample_file);
     let cluster = validation::validate(&ic, &[]).expect("sample is valid");
-    let rendered = render(&ic, &cluster);
+    // Where the database would be once its admin Secret is read.
+    let database = ic
+        .spec
+        .database
+        .as_ref()
+        .map(|_| crate::database::Endpoint {
+            host: "db.example.com".into(),
+            port: 5432,
+            database: crate::naming::database_role(
+                "prod",
+                ic.metadata.name.as_deref().unwrap_or_default(),
+            ),
+        });
+    let rendered = render(&ic, &cluster, database.as_ref());
     let mut text = format!(
         "# configDigest {}\n# packagesDigest {}\n",
         rendered.config_digest, rendered.packages_digest
@@ -48,9 +61,9 @@ fn check(sample_file: &str, golden: &str) {
 #[test]
 fn scaling_changes_no_running_node_digest() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     ic.spec.replicas = 5;
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     assert_eq!(before.config_digest, after.config_digest);
     for (node, digest) in &before.node_digests {
         assert_eq!(after.node_digests.get(node), Some(digest), "{node}");
@@ -61,9 +74,9 @@ fn scaling_changes_no_running_node_digest() {
 #[test]
 fn a_nodes_files_digest_ignores_other_nodes_files() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     ic.spec.replicas = 5;
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     assert_eq!(
         before.files_digest("orders-0"),
         after.files_digest("orders-0")
@@ -77,12 +90,12 @@ fn a_nodes_files_digest_ignores_other_nodes_files() {
 #[test]
 fn a_property_change_changes_every_node_digest() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     ic.spec
         .server
         .properties
         .insert("watt.server.threadPool".into(), "80".into());
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"));
+    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
     assert_ne!(before.config_digest, after.config_digest);
     for (node, digest) in &before.node_digests {
         assert_ne!(after.node_digests.get(node), Some(digest), "{node}");

@@ -17,7 +17,13 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use crate::api::{IntegrationCluster, Profile};
+use crate::database::Endpoint;
 use crate::validation::ValidatedCluster;
+
+/// Environment variables with the cluster role's credentials, from its
+/// Secret; the rendered files refer to them.
+pub const DB_USERNAME_ENV: &str = "DB_USERNAME";
+pub const DB_PASSWORD_ENV: &str = "DB_PASSWORD";
 
 /// The package list `agent init` installs.
 pub const PACKAGES_FILE: &str = "packages.json";
@@ -73,11 +79,18 @@ pub fn node_file(node: &str) -> String {
 }
 
 /// Renders the configuration of `ic` for its profile.
-pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Rendered {
+/// Renders the cluster's files. `database` is where the cluster database
+/// is, once known; credentials stay in their Secret and reach the servers
+/// as the environment variables [`DB_USERNAME_ENV`] and [`DB_PASSWORD_ENV`].
+pub fn render(
+    ic: &IntegrationCluster,
+    cluster: &ValidatedCluster,
+    database: Option<&Endpoint>,
+) -> Rendered {
     let mut data = match ic.spec.profile {
-        Profile::WebmethodsIs => webmethods_is::render(ic, cluster),
-        Profile::Wso2Carbon => wso2_carbon::render(ic, cluster),
-        Profile::Generic => generic::render(ic, cluster),
+        Profile::WebmethodsIs => webmethods_is::render(ic, cluster, database),
+        Profile::Wso2Carbon => wso2_carbon::render(ic, cluster, database),
+        Profile::Generic => generic::render(ic, cluster, database),
     };
     // The package list for the agent's init step (no secrets in it).
     data.insert(

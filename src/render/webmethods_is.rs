@@ -5,8 +5,10 @@
 
 use std::collections::BTreeMap;
 
-use super::{cache_urls, header, node_file, property};
-use crate::api::{IntegrationCluster, Mode};
+use super::{DB_PASSWORD_ENV, DB_USERNAME_ENV, cache_urls, header, node_file, property};
+use crate::api::{DatabaseSpec, IntegrationCluster, Mode};
+use crate::database::Endpoint;
+use crate::naming;
 use crate::validation::ValidatedCluster;
 
 /// The cluster-wide template file.
@@ -47,7 +49,44 @@ pub fn template_key(key: &str) -> String {
     }
 }
 
-pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> BTreeMap<String, String> {
+/// The JDBC driver alias MSR ships for PostgreSQL.
+const POSTGRES_DRIVER_ALIAS: &str = "DataDirect Connect JDBC PostgreSQL Driver";
+
+/// One JDBC pool per component, each confined to the component's schema,
+/// and the component's function bound to it; credentials come from the
+/// environment.
+fn jdbc(database: &DatabaseSpec, endpoint: &Endpoint) -> String {
+    let mut out = String::new();
+    for component in &database.components {
+        let pool = naming::component_schema(component);
+        let url = format!(
+            "jdbc:wm:postgresql://{}:{};databaseName={};InitializationString=(SET search_path TO {pool})",
+            endpoint.host, endpoint.port, endpoint.database
+        );
+        out += &property(&format!("jdbc.{pool}.dbURL"), &url);
+        out += &property(
+            &format!("jdbc.{pool}.userid"),
+            &format!("$env{{{DB_USERNAME_ENV}}}"),
+        );
+        out += &property(
+            &format!("jdbc.{pool}.password"),
+            &format!("$env{{{DB_PASSWORD_ENV}}}"),
+        );
+        out += &property(&format!("jdbc.{pool}.driverAlias"), POSTGRES_DRIVER_ALIAS);
+        out += &property(
+            &format!("jdbc.{pool}.maxConns"),
+            &database.max_connections.to_string(),
+        );
+        out += &property(&format!("jdbcfunc.{component}.connPoolAlias"), &pool);
+    }
+    out
+}
+
+pub fn render(
+    ic: &IntegrationCluster,
+    cluster: &ValidatedCluster,
+    database: Option<&Endpoint>,
+) -> BTreeMap<String, String> {
     let spec = &ic.spec;
     let mut app = header(ic, "#");
     let stateful = spec.mode == Mode::Stateful;
@@ -68,6 +107,15 @@ pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> BTreeMap<S
             "settings.watt.server.cluster.SessTimeout",
             &spec.server.session_timeout_minutes.to_string(),
         );
+    }
+    if let Some(db) = &spec.database {
+        app += &property(
+            "settings.watt.server.tx.cluster.lockBreakSecs",
+            &db.lock_break_seconds.to_string(),
+        );
+        if let Some(endpoint) = database {
+            app += &jdbc(db, endpoint);
+        }
     }
     for (key, value) in &spec.server.properties {
         app += &property(&template_key(key), value);

@@ -4,8 +4,9 @@
 
 use std::collections::BTreeMap;
 
-use super::header;
+use super::{DB_PASSWORD_ENV, DB_USERNAME_ENV, header};
 use crate::api::IntegrationCluster;
+use crate::database::Endpoint;
 use crate::naming;
 use crate::validation::ValidatedCluster;
 
@@ -33,7 +34,21 @@ fn value(v: &str) -> String {
     out
 }
 
-pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> BTreeMap<String, String> {
+/// The datasource table of a component: SharedDB → shared_db (Carbon's
+/// `[database.shared_db]`), IdentityDB → identity_db, other names lower case.
+pub fn datasource(component: &str) -> String {
+    let lower = component.to_ascii_lowercase();
+    match lower.strip_suffix("db") {
+        Some(stem) if !stem.is_empty() => format!("{}_db", stem.trim_end_matches('_')),
+        _ => lower,
+    }
+}
+
+pub fn render(
+    ic: &IntegrationCluster,
+    cluster: &ValidatedCluster,
+    database: Option<&Endpoint>,
+) -> BTreeMap<String, String> {
     let name = ic.metadata.name.as_deref().unwrap_or_default();
     let ns = ic.metadata.namespace.as_deref().unwrap_or_default();
     // table → key → rendered value; "" is the root table.
@@ -64,6 +79,36 @@ pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> BTreeMap<S
         "membershipSchemeClassName",
         value("org.wso2.carbon.membership.scheme.kubernetes.KubernetesMembershipScheme"),
     );
+    if let (Some(db), Some(endpoint)) = (&ic.spec.database, database) {
+        for component in &db.components {
+            let table = format!("database.{}", datasource(component));
+            let url = format!(
+                "jdbc:postgresql://{}:{}/{}?currentSchema={}",
+                endpoint.host,
+                endpoint.port,
+                endpoint.database,
+                naming::component_schema(component)
+            );
+            set(&table, "type", value("postgre"));
+            set(&table, "url", value(&url));
+            set(
+                &table,
+                "username",
+                value(&format!("$env{{{DB_USERNAME_ENV}}}")),
+            );
+            set(
+                &table,
+                "password",
+                value(&format!("$env{{{DB_PASSWORD_ENV}}}")),
+            );
+            set(&table, "driver", value("org.postgresql.Driver"));
+            set(
+                &format!("{table}.pool_options"),
+                "maxActive",
+                value(&db.max_connections.to_string()),
+            );
+        }
+    }
     set("clustering.properties", "KUBERNETES_NAMESPACE", value(ns));
     set(
         "clustering.properties",

@@ -131,6 +131,21 @@ fn env(name: &str, value: impl Into<String>) -> EnvVar {
     }
 }
 
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.into(),
+        value: None,
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: secret.to_owned(),
+                key: key.into(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+    }
+}
+
 fn field_env(name: &str, path: &str) -> EnvVar {
     EnvVar {
         name: name.into(),
@@ -221,6 +236,17 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
                 format!("{CONFIG_DIR}/{}", render::node_file("$(POD_NAME)")),
             ));
             mounts.push(mount("config", CONFIG_DIR));
+        }
+    }
+    if spec.database.is_some() {
+        // The rendered files refer to these; the password never leaves
+        // its Secret.
+        let secret = naming::database_credentials(&cluster);
+        for (name, key) in [
+            (render::DB_USERNAME_ENV, "username"),
+            (render::DB_PASSWORD_ENV, "password"),
+        ] {
+            env_vars.push(secret_env(name, &secret, key));
         }
     }
     env_vars.extend(spec.server.env.iter().map(|(k, v)| env(k, v.clone())));
@@ -410,18 +436,7 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
             ("SERVER_USERNAME", "username"),
             ("SERVER_PASSWORD", "password"),
         ] {
-            agent_env.push(EnvVar {
-                name: name.into(),
-                value: None,
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.name.clone(),
-                        key: key.into(),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-            });
+            agent_env.push(secret_env(name, &secret.name, key));
         }
     }
     let sidecar = Container {
@@ -623,7 +638,7 @@ mod tests {
     fn first_pod(file: &str) -> Pod {
         let ic = sample(file);
         let cluster = validation::validate(&ic, &[]).expect("valid");
-        let rendered = render::render(&ic, &cluster);
+        let rendered = render::render(&ic, &cluster, None);
         pod(&ic, &rendered, &cluster.members[0])
     }
 
@@ -749,7 +764,11 @@ mod tests {
             name: "orders-admin".into(),
         });
         let cluster = validation::validate(&ic, &[]).expect("valid");
-        let pod = pod(&ic, &render::render(&ic, &cluster), &cluster.members[0]);
+        let pod = pod(
+            &ic,
+            &render::render(&ic, &cluster, None),
+            &cluster.members[0],
+        );
         let spec = pod.spec.expect("spec");
         let agent = spec
             .containers

@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
-use k8s_openapi::api::core::v1::Namespace;
+use k8s_openapi::api::core::v1::{Namespace, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -151,6 +151,30 @@ pub async fn kubectl_eventually(args: &[&str]) -> String {
             .then(|| String::from_utf8_lossy(&output.stdout).into_owned())
     })
     .await
+}
+
+/// The test bed PostgreSQL's superuser URL (from `postgres.env`).
+pub fn postgres_admin_url() -> String {
+    let env = std::fs::read_to_string(state_dir().join("postgres.env"))
+        .expect("postgres.env: start the test bed with hack/control-plane/up");
+    env.lines()
+        .find_map(|l| l.strip_prefix("DATABASE_URL="))
+        .expect("DATABASE_URL in postgres.env")
+        .to_owned()
+}
+
+/// A Secret `name` in `namespace` with an admin URL under key `url`, as a
+/// user creates it for `database.mode: external`.
+pub async fn database_admin_secret(client: &Client, namespace: &str, name: &str, url: &str) {
+    let api: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let secret: Secret = serde_json::from_value(serde_json::json!({
+        "metadata": {"name": name},
+        "stringData": {"url": url},
+    }))
+    .expect("secret");
+    api.create(&PostParams::default(), &secret)
+        .await
+        .expect("create admin secret");
 }
 
 /// A unique name: tests share one control plane and run in parallel.

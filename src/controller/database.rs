@@ -1,0 +1,504 @@
+//! The controller's side of the cluster database: where it is (admin
+//! Secret or managed server), the role's credentials Secret, when to
+//! provision again, and the connection pool the guaranteed-delivery queries
+//! use. Provisioning runs when its inputs change, every resync otherwise,
+//! and after a failure only once its backoff passed, so a database outage
+//! costs one connection attempt per backoff step, not one per reconcile.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::{Resource, ResourceExt};
+use sqlx::PgPool;
+use sqlx::postgres::PgPoolOptions;
+use tracing::{info, warn};
+
+use super::{Error, FIELD_MANAGER, RESYNC, backoff};
+use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
+use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned};
+use crate::naming;
+use crate::workload::owner_reference;
+
+/// Port of a managed PostgreSQL.
+const MANAGED_PORT: u16 = 5432;
+/// Superuser of a managed PostgreSQL (the image's default).
+const MANAGED_ADMIN: &str = "postgres";
+
+/// Provisioning results and connection pools, per cluster.
+#[derive(Default)]
+pub struct Databases {
+    memos: Mutex<HashMap<String, Memo>>,
+    pools: Mutex<HashMap<String, (String, PgPool)>>,
+}
+
+struct Memo {
+    inputs: String,
+    at: Instant,
+    outcome: Result<Provisioned, DbError>,
+    failures: u32,
+}
+
+/// What the reconcile needs to know about the database.
+pub struct View {
+    /// Where the servers connect, once known.
+    pub endpoint: Option<Endpoint>,
+    /// The credentials Secret exists, so pods referencing it can start.
+    pub credentials_ready: bool,
+    pub status: DatabaseStatus,
+    pub problem: Option<DbError>,
+    /// What this reconcile's provisioning created or repaired.
+    pub changes: Vec<String>,
+    /// When to look again because of the database.
+    pub retry_in: Option<Duration>,
+    /// The role's pool, for guaranteed-delivery queries.
+    pub pool: Option<PgPool>,
+}
+
+fn key(ic: &IntegrationCluster) -> String {
+    format!("{}/{}", ic.namespace().unwrap_or_default(), ic.name_any())
+}
+
+fn secret_text(secret: &Secret, key: &str) -> Option<String> {
+    secret
+        .data
+        .as_ref()
+        .and_then(|d| d.get(key))
+        .and_then(|v| String::from_utf8(v.0.clone()).ok())
+        .or_else(|| {
+            secret
+                .string_data
+                .as_ref()
+                .and_then(|d| d.get(key).cloned())
+        })
+}
+
+/// The admin connection and a token that changes when its Secret does.
+async fn admin(
+    secrets: &Api<Secret>,
+    ic: &IntegrationCluster,
+) -> Result<Result<(Admin, String), DbError>, Error> {
+    let Some(spec) = &ic.spec.database else {
+        return Ok(Err(DbError::new(ErrorClass::Other, "", "no database")));
+    };
+    let name = ic.name_any();
+    match spec.mode {
+        DatabaseMode::External => {
+            let Some(reference) = spec.external.as_ref().map(|e| &e.secret_ref) else {
+                return Ok(Err(DbError::new(
+                    ErrorClass::AdminSecretInvalid,
+                    "",
+                    "spec.database.external.secretRef is missing",
+                )));
+            };
+            let secret = read_secret(secrets, &reference.name).await?;
+            let invalid = |detail: String| DbError::new(ErrorClass::AdminSecretInvalid, "", detail);
+            let Some(secret) = secret else {
+                return Ok(Err(invalid(format!(
+                    "Secret {} (spec.database.external.secretRef) does not exist",
+                    reference.name
+                ))));
+            };
+            let Some(url) = secret_text(&secret, &reference.key) else {
+                return Ok(Err(invalid(format!(
+                    "Secret {} has no key {}",
+                    reference.name, reference.key
+                ))));
+            };
+            Ok(Admin::from_url(&url)
+                .map(|admin| (admin, secret.resource_version().unwrap_or_default()))
+                .map_err(|why| {
+                    invalid(format!(
+                        "key {} of Secret {}: {why}",
+                        reference.key, reference.name
+                    ))
+                }))
+        }
+        DatabaseMode::Managed => {
+            let secret_name = naming::database_admin_secret(&name);
+            let secret = ensure_secret(secrets, ic, &secret_name, |password| {
+                BTreeMap::from([
+                    ("username".to_owned(), MANAGED_ADMIN.to_owned()),
+                    ("password".to_owned(), password),
+                ])
+            })
+            .await?;
+            let password = secret_text(&secret, "password").unwrap_or_default();
+            let login = Login {
+                username: MANAGED_ADMIN.to_owned(),
+                password,
+            };
+            let host = managed_host(ic);
+            Ok(Ok((
+                Admin::new(&host, MANAGED_PORT, &login),
+                secret.resource_version().unwrap_or_default(),
+            )))
+        }
+    }
+}
+
+/// The managed PostgreSQL's Service name, as the operator and servers
+/// resolve it.
+fn managed_host(ic: &IntegrationCluster) -> String {
+    format!(
+        "{}.{}.svc",
+        naming::database_service(&ic.name_any()),
+        ic.namespace().unwrap_or_default()
+    )
+}
+
+async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {
+    secrets.get_opt(name).await.map_err(|source| Error::Read {
+        what: format!("Secret {name}"),
+        source,
+    })
+}
+
+/// Returns the Secret, creating it owned by the cluster with a generated
+/// password when it does not exist. An existing Secret is never rewritten,
+/// so the password stays what the database knows.
+async fn ensure_secret(
+    secrets: &Api<Secret>,
+    ic: &IntegrationCluster,
+    name: &str,
+    contents: impl Fn(String) -> BTreeMap<String, String>,
+) -> Result<Secret, Error> {
+    if let Some(secret) = read_secret(secrets, name).await? {
+        return Ok(secret);
+    }
+    let password = database::generate_password().map_err(|e| Error::Random(e.to_string()))?;
+    let mut labels = crate::workload::cluster_labels(ic);
+    labels.insert(naming::labels::COMPONENT.to_owned(), "database".to_owned());
+    let secret = Secret {
+        metadata: kube::api::ObjectMeta {
+            name: Some(name.to_owned()),
+            namespace: ic.namespace(),
+            labels: Some(labels),
+            owner_references: owner_reference(ic).map(|o| vec![o]),
+            ..Default::default()
+        },
+        string_data: Some(contents(password)),
+        type_: Some("Opaque".to_owned()),
+        ..Default::default()
+    };
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    match secrets.create(&params, &secret).await {
+        Ok(created) => {
+            info!(cluster = %ic.name_any(), secret = name, "created database Secret");
+            Ok(created)
+        }
+        // Another reconcile was first; its password wins.
+        Err(kube::Error::Api(e)) if e.code == 409 => read_secret(secrets, name)
+            .await?
+            .ok_or_else(|| Error::Random(format!("Secret {name} vanished after a conflict"))),
+        Err(source) => Err(Error::Write {
+            what: format!("Secret {name}"),
+            source,
+        }),
+    }
+}
+
+/// Keeps the credentials Secret's connection keys in step with the
+/// endpoint; the password is never changed.
+async fn ensure_credentials(
+    secrets: &Api<Secret>,
+    ic: &IntegrationCluster,
+    endpoint: &Endpoint,
+) -> Result<(Secret, Login), Error> {
+    let name = naming::database_credentials(&ic.name_any());
+    let connection = BTreeMap::from([
+        ("username".to_owned(), endpoint.database.clone()),
+        ("host".to_owned(), endpoint.host.clone()),
+        ("port".to_owned(), endpoint.port.to_string()),
+        ("database".to_owned(), endpoint.database.clone()),
+    ]);
+    let mut secret = ensure_secret(secrets, ic, &name, |password| {
+        let mut data = connection.clone();
+        data.insert("password".to_owned(), password);
+        data
+    })
+    .await?;
+    let stale = connection
+        .iter()
+        .any(|(k, v)| secret_text(&secret, k).as_deref() != Some(v.as_str()));
+    if stale {
+        let patch = serde_json::json!({ "stringData": connection });
+        secret = secrets
+            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::Write {
+                what: format!("Secret {name}"),
+                source,
+            })?;
+    }
+    let login = Login {
+        username: secret_text(&secret, "username").unwrap_or_default(),
+        password: secret_text(&secret, "password").unwrap_or_default(),
+    };
+    Ok((secret, login))
+}
+
+/// Looks at (and when due, provisions) the cluster's database.
+pub async fn observe(
+    client: &kube::Client,
+    databases: &Databases,
+    ic: &IntegrationCluster,
+) -> Result<Option<View>, Error> {
+    let Some(spec) = &ic.spec.database else {
+        return Ok(None);
+    };
+    let namespace = ic.namespace().unwrap_or_default();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let database_name = naming::database_role(&namespace, &ic.name_any());
+    let previous = ic
+        .status
+        .as_ref()
+        .and_then(|s| s.database.clone())
+        .unwrap_or_default();
+
+    let admin = admin(&secrets, ic).await?;
+    // Without a readable admin Secret the servers keep the endpoint they
+    // were given (status remembers it), so nothing restarts.
+    let endpoint = match &admin {
+        Ok((admin, _)) => Some(Endpoint {
+            host: admin.host().to_owned(),
+            port: admin.port(),
+            database: database_name.clone(),
+        }),
+        Err(_) => previous.host.as_deref().and_then(|address| {
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Endpoint {
+                host: host.to_owned(),
+                port: port.parse().ok()?,
+                database: database_name.clone(),
+            })
+        }),
+    };
+    let mut view = View {
+        endpoint: endpoint.clone(),
+        credentials_ready: false,
+        status: DatabaseStatus {
+            ready: false,
+            schema_version: previous.schema_version,
+            host: endpoint.as_ref().map(Endpoint::address),
+            database: Some(database_name),
+            credentials_secret: None,
+        },
+        problem: None,
+        changes: Vec::new(),
+        retry_in: None,
+        pool: None,
+    };
+    let Some(endpoint) = endpoint else {
+        view.problem = admin.err();
+        view.retry_in = Some(RESYNC.min(Duration::from_secs(30)));
+        return Ok(Some(view));
+    };
+    let (credentials, login) = ensure_credentials(&secrets, ic, &endpoint).await?;
+    view.credentials_ready = true;
+    view.status.credentials_secret = Some(credentials.name_any());
+
+    let (admin, admin_version) = match admin {
+        Ok(found) => found,
+        Err(problem) => {
+            view.problem = Some(problem);
+            view.retry_in = Some(Duration::from_secs(30));
+            return Ok(Some(view));
+        }
+    };
+    let inputs = format!(
+        "{admin_version}/{}/{:?}/{}",
+        credentials.resource_version().unwrap_or_default(),
+        spec.components,
+        endpoint.address()
+    );
+    let key = key(ic);
+    let (outcome, retry_in, fresh) = match recent(databases, &key, &inputs) {
+        Some((outcome, retry_in)) => (outcome, retry_in, false),
+        None => {
+            let outcome = database::provision(&admin, &endpoint, &login, &spec.components).await;
+            let retry_in = remember(databases, &key, &inputs, &outcome);
+            (outcome, retry_in, true)
+        }
+    };
+    match outcome {
+        Ok(provisioned) => {
+            view.status.ready = true;
+            view.status.schema_version = provisioned.schema_version;
+            if fresh {
+                view.changes = provisioned.changes;
+            }
+            view.pool = Some(pool(databases, &key, &inputs, &endpoint, &login));
+        }
+        Err(problem) => {
+            if fresh {
+                warn!(cluster = %key, reason = problem.class.reason(), error = %problem, "database provisioning failed");
+            }
+            view.problem = Some(problem);
+        }
+    }
+    view.retry_in = Some(retry_in);
+    Ok(Some(view))
+}
+
+/// A recent provisioning result for the same inputs, and when it expires.
+fn recent(
+    databases: &Databases,
+    key: &str,
+    inputs: &str,
+) -> Option<(Result<Provisioned, DbError>, Duration)> {
+    let memos = databases.memos.lock().ok()?;
+    let memo = memos.get(key)?;
+    let wait = match &memo.outcome {
+        Ok(_) => RESYNC,
+        Err(_) => backoff(memo.failures),
+    };
+    let age = memo.at.elapsed();
+    (memo.inputs == inputs && age < wait).then(|| (memo.outcome.clone(), wait - age))
+}
+
+/// Records a provisioning result; returns when to provision again.
+fn remember(
+    databases: &Databases,
+    key: &str,
+    inputs: &str,
+    outcome: &Result<Provisioned, DbError>,
+) -> Duration {
+    let mut memos = databases
+        .memos
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let failures = match (outcome, memos.get(key)) {
+        (Ok(_), _) => 0,
+        (Err(_), Some(memo)) => memo.failures + 1,
+        (Err(_), None) => 1,
+    };
+    memos.insert(
+        key.to_owned(),
+        Memo {
+            inputs: inputs.to_owned(),
+            at: Instant::now(),
+            outcome: outcome.clone(),
+            failures,
+        },
+    );
+    if outcome.is_ok() {
+        RESYNC
+    } else {
+        backoff(failures)
+    }
+}
+
+/// The cluster role's pool, made again when the credentials change.
+/// Connections open lazily and close when idle.
+fn pool(
+    databases: &Databases,
+    key: &str,
+    inputs: &str,
+    endpoint: &Endpoint,
+    login: &Login,
+) -> PgPool {
+    let mut pools = databases
+        .pools
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if let Some((made_for, pool)) = pools.get(key)
+        && made_for == inputs
+    {
+        return pool.clone();
+    }
+    let pool = PgPoolOptions::new()
+        .max_connections(2)
+        .acquire_timeout(database::CONNECT_TIMEOUT)
+        .idle_timeout(Some(Duration::from_secs(60)))
+        .connect_lazy_with(database::role_options(endpoint, login));
+    pools.insert(key.to_owned(), (inputs.to_owned(), pool.clone()));
+    pool
+}
+
+/// Forgets a deleted cluster's pool and memo.
+pub fn forget(databases: &Databases, ic: &IntegrationCluster) {
+    let key = key(ic);
+    if let Ok(mut memos) = databases.memos.lock() {
+        memos.remove(&key);
+    }
+    if let Ok(mut pools) = databases.pools.lock() {
+        pools.remove(&key);
+    }
+}
+
+/// Deletion of a cluster with a database. Delete: drop the database and
+/// role. Retain: keep them, and release the Secrets that open them, so the
+/// data stays reachable after the cluster is gone. Returns what a person
+/// should read in an Event.
+pub async fn cleanup(
+    client: &kube::Client,
+    ic: &IntegrationCluster,
+    delete: bool,
+) -> Result<Option<String>, Error> {
+    let Some(spec) = &ic.spec.database else {
+        return Ok(None);
+    };
+    let namespace = ic.namespace().unwrap_or_default();
+    let name = ic.name_any();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let role = naming::database_role(&namespace, &name);
+    if delete {
+        let (admin, _) = admin(&secrets, ic).await?.map_err(Error::Database)?;
+        let endpoint = Endpoint {
+            host: admin.host().to_owned(),
+            port: admin.port(),
+            database: role.clone(),
+        };
+        let dropped = database::drop_cluster_database(&admin, &endpoint, &role)
+            .await
+            .map_err(Error::Database)?;
+        return Ok((!dropped.is_empty()).then(|| {
+            format!(
+                "deletionPolicy Delete: dropped {} on {}",
+                dropped.join(" and "),
+                endpoint.address()
+            )
+        }));
+    }
+    let mut kept = Vec::new();
+    let mut names = vec![naming::database_credentials(&name)];
+    if spec.mode == DatabaseMode::Managed {
+        names.push(naming::database_admin_secret(&name));
+    }
+    for secret_name in names {
+        let Some(secret) = read_secret(&secrets, &secret_name).await? else {
+            continue;
+        };
+        let keep: Vec<_> = secret
+            .owner_references()
+            .iter()
+            .filter(|o| Some(&o.uid) != ic.meta().uid.as_ref())
+            .cloned()
+            .collect();
+        let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
+        secrets
+            .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
+            .await
+            .map_err(|source| Error::Write {
+                what: format!("release Secret {secret_name}"),
+                source,
+            })?;
+        kept.push(secret_name);
+    }
+    let host = ic
+        .status
+        .as_ref()
+        .and_then(|s| s.database.as_ref())
+        .and_then(|d| d.host.clone())
+        .unwrap_or_else(|| "its server".to_owned());
+    Ok(Some(format!(
+        "deletionPolicy Retain: kept database {role} and role {role} on {host}, and the Secrets {} (no longer owned by the cluster)",
+        kept.join(", ")
+    )))
+}
