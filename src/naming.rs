@@ -130,6 +130,43 @@ pub fn data_claim(node: &str) -> String {
     format!("data-{node}")
 }
 
+/// The managed cache's StatefulSet and its headless Service: one name, so
+/// that the pods' DNS names are `<pod>.<cluster>-cache`.
+pub fn cache_service(cluster: &str) -> String {
+    format!("{cluster}-cache")
+}
+
+/// A managed cache server: its pod name, which is also its server name in
+/// tc-config.xml (the server is started with `-n <pod name>`).
+pub fn cache_server(cluster: &str, ordinal: u32) -> String {
+    format!("{}-{ordinal}", cache_service(cluster))
+}
+
+/// The stable DNS name of a managed cache server. The servers' cache URLs
+/// and the TSA's own configuration both use it, so they name the same hosts.
+pub fn cache_host(cluster: &str, namespace: &str, ordinal: u32) -> String {
+    format!(
+        "{}.{}.{namespace}.svc",
+        cache_server(cluster, ordinal),
+        cache_service(cluster)
+    )
+}
+
+/// The ConfigMap holding the managed cache's tc-config.xml.
+pub fn cache_config_map(cluster: &str) -> String {
+    format!("{}-config", cache_service(cluster))
+}
+
+/// The managed database's Service, and its StatefulSet.
+pub fn database_service(cluster: &str) -> String {
+    format!("{cluster}-database")
+}
+
+/// The Secret with the managed database's superuser credentials.
+pub fn database_admin_secret(cluster: &str) -> String {
+    format!("{}-admin", database_service(cluster))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -180,6 +217,23 @@ mod tests {
         assert_eq!(node_name("orders", 3), "orders-3");
         assert_eq!(node_ordinal("orders", "orders-3"), Some(3));
         assert_eq!(node_ordinal("orders", "orders-12"), Some(12));
+    }
+
+    #[test]
+    fn managed_cache_names() {
+        assert_eq!(cache_service("orders"), "orders-cache");
+        assert_eq!(cache_server("orders", 1), "orders-cache-1");
+        assert_eq!(
+            cache_host("orders", "prod", 1),
+            "orders-cache-1.orders-cache.prod.svc"
+        );
+        assert_eq!(cache_config_map("orders"), "orders-cache-config");
+    }
+
+    #[test]
+    fn managed_database_names() {
+        assert_eq!(database_service("orders"), "orders-database");
+        assert_eq!(database_admin_secret("orders"), "orders-database-admin");
     }
 
     #[test]
