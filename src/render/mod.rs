@@ -165,6 +165,13 @@ pub fn packages_digest(packages: &[crate::api::PackageSpec]) -> String {
     digest(packages)
 }
 
+/// The digest of one rendered file, in the same form as the other digests,
+/// for objects whose configuration is a single file (the managed cache's
+/// tc-config.xml): stamped on their pod template so a change rolls them.
+pub fn text_digest(text: &str) -> String {
+    digest(text)
+}
+
 /// First 16 hex digits of the SHA-256 of the JSON form: stable because
 /// every map involved is a BTreeMap.
 fn digest<T: Serialize + ?Sized>(value: &T) -> String {
