@@ -11,6 +11,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod cache;
 pub mod controller;
 pub mod naming;
 pub mod plugin;
