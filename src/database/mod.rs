@@ -1,0 +1,3 @@
+//! The shared database of a cluster.
+
+pub mod managed;
