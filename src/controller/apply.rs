@@ -2,6 +2,7 @@
 //! with server-side apply only when the desired fields differ from what the
 //! server holds, so a settled cluster costs no writes.
 
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -18,6 +19,8 @@ use tracing::info;
 use super::plan::Action;
 use super::{Context, Error, FIELD_MANAGER};
 use crate::api::IntegrationCluster;
+use crate::cache;
+use crate::database::managed;
 use crate::naming::{ONLINE_CONDITION, annotations, labels};
 use crate::render::Rendered;
 use crate::validation::ValidatedCluster;
@@ -88,7 +91,7 @@ pub async fn ensure_shared(
     let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
     let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
     let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client, &ns);
+    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
     let mut changed = Vec::new();
     if ensure(&accounts, &workload::agent_account(ic)).await? {
         changed.push("agent ServiceAccount");
@@ -110,6 +113,33 @@ pub async fn ensure_shared(
     }
     if ensure(&pdbs, &workload::disruption_budget(ic)).await? {
         changed.push("PodDisruptionBudget");
+    }
+    // The managed cache and database, when the spec asks for them.
+    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
+    if let Some(cm) = cache::config_map(ic)
+        && ensure(&cms, &cm).await?
+    {
+        changed.push("cache ConfigMap");
+    }
+    for (what, service) in [
+        ("cache Service", cache::service(ic)),
+        ("database Service", managed::service(ic)),
+    ] {
+        if let Some(service) = service
+            && ensure(&services, &service).await?
+        {
+            changed.push(what);
+        }
+    }
+    for (what, set) in [
+        ("cache StatefulSet", cache::stateful_set(ic)),
+        ("database StatefulSet", managed::stateful_set(ic)),
+    ] {
+        if let Some(set) = set
+            && ensure(&sets, &set).await?
+        {
+            changed.push(what);
+        }
     }
     if !changed.is_empty() {
         info!(cluster = %ic.name_any(), ?changed, "applied shared objects");

@@ -18,14 +18,9 @@ use tracing::{info, warn};
 
 use super::{Error, FIELD_MANAGER, RESYNC, backoff};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
-use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned};
+use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned, managed};
 use crate::naming;
 use crate::workload::owner_reference;
-
-/// Port of a managed PostgreSQL.
-const MANAGED_PORT: u16 = 5432;
-/// Superuser of a managed PostgreSQL (the image's default).
-const MANAGED_ADMIN: &str = "postgres";
 
 /// Provisioning results and connection pools, per cluster.
 #[derive(Default)]
@@ -120,33 +115,26 @@ async fn admin(
             let secret_name = naming::database_admin_secret(&name);
             let secret = ensure_secret(secrets, ic, &secret_name, |password| {
                 BTreeMap::from([
-                    ("username".to_owned(), MANAGED_ADMIN.to_owned()),
-                    ("password".to_owned(), password),
+                    (
+                        managed::USERNAME_KEY.to_owned(),
+                        managed::ADMIN_USER.to_owned(),
+                    ),
+                    (managed::PASSWORD_KEY.to_owned(), password),
                 ])
             })
             .await?;
-            let password = secret_text(&secret, "password").unwrap_or_default();
             let login = Login {
-                username: MANAGED_ADMIN.to_owned(),
-                password,
+                username: managed::ADMIN_USER.to_owned(),
+                password: secret_text(&secret, managed::PASSWORD_KEY).unwrap_or_default(),
             };
-            let host = managed_host(ic);
+            let host = managed::admin_host(ic).unwrap_or_default();
+            let port = u16::try_from(managed::PORT).unwrap_or(5432);
             Ok(Ok((
-                Admin::new(&host, MANAGED_PORT, &login),
+                Admin::new(&host, port, &login),
                 secret.resource_version().unwrap_or_default(),
             )))
         }
     }
-}
-
-/// The managed PostgreSQL's Service name, as the operator and servers
-/// resolve it.
-fn managed_host(ic: &IntegrationCluster) -> String {
-    format!(
-        "{}.{}.svc",
-        naming::database_service(&ic.name_any()),
-        ic.namespace().unwrap_or_default()
-    )
 }
 
 async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {

@@ -6,6 +6,7 @@
 //! A reconcile that finds nothing new makes no API writes.
 
 mod apply;
+mod cache;
 mod conditions;
 mod database;
 mod plan;
@@ -16,6 +17,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -195,7 +197,8 @@ pub async fn run(client: Client, scope: Scope) {
         )
         .owns(owned_api::<ServiceAccount>(&client, &scope), owned.clone())
         .owns(owned_api::<Role>(&client, &scope), owned.clone())
-        .owns(owned_api::<RoleBinding>(&client, &scope), owned);
+        .owns(owned_api::<RoleBinding>(&client, &scope), owned.clone())
+        .owns(owned_api::<StatefulSet>(&client, &scope), owned);
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
@@ -338,10 +341,12 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     }
     let (pods, claims) = apply::observe(ctx, ic).await?;
     let gd = guaranteed_delivery_work(ic, db.as_ref(), &pods).await;
-    let start_blocked = match &db {
-        Some(view) if !view.credentials_ready => {
+    let cache = cache::observe(&ctx.client, ic, !pods.is_empty()).await?;
+    let start_blocked = match (&db, &cache) {
+        (Some(view), _) if !view.credentials_ready => {
             Some("waiting for the database endpoint before starting servers".to_owned())
         }
+        (_, Some(view)) => view.blocks_start.clone(),
         _ => None,
     };
     let observed = plan::Observed {
@@ -357,12 +362,13 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     let shared_problem = db
         .as_ref()
         .and_then(|v| v.problem.as_ref())
-        .map(|p| (p.class.reason(), p.to_string()));
+        .map(|p| (p.class.reason(), p.to_string()))
+        .or_else(|| cache.as_ref().and_then(|v| v.problem.clone()));
     let progress = status::Progress {
         plan: &plan,
         rendered: &rendered,
         database: db.as_ref().map(|v| v.status.clone()),
-        cache: None,
+        cache: cache.as_ref().map(|v| v.status.clone()),
         shared_problem,
     };
     let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());

@@ -7,6 +7,7 @@
 //! status conditions, Events and logs.
 
 pub mod gd;
+pub mod managed;
 mod provision;
 
 pub use provision::{Provisioned, drop_cluster_database, latest_migration, provision};

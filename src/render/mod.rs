@@ -178,6 +178,13 @@ pub fn packages_digest(packages: &[crate::api::PackageSpec]) -> String {
     digest(packages)
 }
 
+/// The digest of one rendered file, in the same form as the other digests,
+/// for objects whose configuration is a single file (the managed cache's
+/// tc-config.xml): stamped on their pod template so a change rolls them.
+pub fn text_digest(text: &str) -> String {
+    digest(text)
+}
+
 /// First 16 hex digits of the SHA-256 of the JSON form: stable because
 /// every map involved is a BTreeMap.
 fn digest<T: Serialize + ?Sized>(value: &T) -> String {
@@ -242,8 +249,8 @@ pub fn cache_urls(ic: &IntegrationCluster) -> Vec<String> {
             let name = ic.metadata.name.as_deref().unwrap_or_default();
             let ns = ic.metadata.namespace.as_deref().unwrap_or_default();
             let replicas = cache.managed.as_ref().map_or(2, |m| m.replicas);
-            (0..replicas)
-                .map(|i| format!("{name}-cache-{i}.{name}-cache.{ns}.svc:{TSA_PORT}"))
+            (0..u32::try_from(replicas).unwrap_or(0))
+                .map(|i| format!("{}:{TSA_PORT}", crate::naming::cache_host(name, ns, i)))
                 .collect()
         }
     }
