@@ -63,7 +63,9 @@ fn is_true(pod: &Pod, type_: &str) -> bool {
 
 async fn server_pods(client: &Client, ns: &str, cluster: &str) -> BTreeMap<String, Pod> {
     let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let params = ListParams::default().labels(&format!("integration.dev/cluster={cluster}"));
+    let params = ListParams::default().labels(&format!(
+        "integration.dev/cluster={cluster},app.kubernetes.io/component=server"
+    ));
     pods.list(&params)
         .await
         .expect("list pods")
