@@ -112,6 +112,18 @@ fn cluster(name: &str, spec: &str) -> String {
 /// (what is wrong, spec, the field the refusal names, why)
 const INVALID: &[(&str, &str, &str, &str)] = &[
     (
+        "managed cache without a licence",
+        "profile: webmethods-is\nimage: is\ncache: {mode: managed, managed: {image: tsa}}",
+        "spec.cache.managed",
+        "a managed cache needs managed.image and managed.licenseSecretRef",
+    ),
+    (
+        "lock break of zero seconds",
+        "profile: generic\nmode: stateless\nimage: is\ndatabase: {mode: managed, lockBreakSeconds: 0}",
+        "spec.database.lockBreakSeconds",
+        "should be greater than or equal to 1",
+    ),
+    (
         "stateless cluster with a cache",
         "profile: webmethods-is\nmode: stateless\nimage: is\ncache: {mode: managed}",
         "spec.cache",
@@ -314,7 +326,7 @@ fn names_field(e: &Status, field: &str) -> bool {
 }
 
 #[tokio::test]
-async fn a_name_too_long_for_derived_names_is_refused() {
+async fn names_that_would_collide_with_derived_names_are_refused() {
     let client = admin().await;
     let ns = namespace(&client, "longname").await;
     let name = "a".repeat(41);
@@ -326,6 +338,17 @@ async fn a_name_too_long_for_derived_names_is_refused() {
             .contains("metadata.name must be at most 40 characters"),
         "{err}"
     );
+    // Names another cluster's objects use are refused too.
+    for name in ["orders-cache", "orders-database", "orders-admin"] {
+        let err = create_yaml(&client, &ns, &cluster(name, VALID))
+            .await
+            .expect_err("refused");
+        assert!(
+            err.to_string()
+                .contains("must not end in -admin, -cache or -database"),
+            "{err}"
+        );
+    }
     delete_namespace(&client, &ns).await;
 }
 

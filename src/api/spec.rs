@@ -36,6 +36,7 @@ use super::status::IntegrationClusterStatus;
     printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
     validation = Rule::new("self.metadata.name.size() <= 40 && !self.metadata.name.contains('.')").message("metadata.name must be at most 40 characters and contain no '.', so that node, Service and Lease names derived from it stay valid"),
+    validation = Rule::new("!self.metadata.name.endsWith('-admin') && !self.metadata.name.endsWith('-cache') && !self.metadata.name.endsWith('-database')").message("metadata.name must not end in -admin, -cache or -database: the admin Service, managed cache and managed database of another cluster carry such names"),
     validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.offline.all(n, n.substring(0, n.lastIndexOf('-')) == self.metadata.name)").message("every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.offline"),
     validation = Rule::new("!has(self.spec.nodes) || self.spec.nodes.remove.all(n, n.substring(0, n.lastIndexOf('-')) == self.metadata.name)").message("every entry must name a node of this cluster, <metadata.name>-<ordinal>").field_path(".spec.nodes.remove"),
 )]
