@@ -5,6 +5,7 @@
 //! - [`naming`]: cluster, node and logical host names.
 //! - [`validation`]: the checks the API server cannot make.
 //! - [`controller`]: the reconcile pipeline.
+//! - [`listeners`]: single-node listener leases and multi-node claims (in the agent).
 //! - [`database`]: the cluster database (provisioning, migrations, guaranteed delivery).
 //! - [`render`], [`workload`]: configuration and the objects built from it.
 //! - [`plugin`]: the pure parts of `kubectl integration`.
@@ -15,6 +16,7 @@ pub mod api;
 pub mod cache;
 pub mod controller;
 pub mod database;
+pub mod listeners;
 pub mod naming;
 pub mod plugin;
 pub mod render;

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use integration_operator::{agent, api, controller, render, telemetry};
+use integration_operator::{agent, api, controller, database, listeners, render, telemetry};
 
 /// Kubernetes operator for clustered integration servers.
 #[derive(Parser)]
@@ -118,7 +118,81 @@ enum AgentCommand {
         /// How often to look at the pod and the server, in milliseconds.
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
+        #[command(flatten)]
+        listeners: Box<ListenerArgs>,
     },
+}
+
+/// The cluster's listeners and how the agent drives them.
+#[derive(clap::Args)]
+struct ListenerArgs {
+    /// The cluster's spec.listeners as JSON (the operator sets it).
+    #[arg(long, env = "LISTENERS")]
+    listeners: Option<String>,
+    /// Hook that enables a listener (POST; `{listener}` is replaced by its
+    /// target, `epoch` and `until` are added).
+    #[arg(long, env = "LISTENER_ENABLE_PATH")]
+    listener_enable_path: Option<String>,
+    /// Hook that disables a listener (POST).
+    #[arg(long, env = "LISTENER_DISABLE_PATH")]
+    listener_disable_path: Option<String>,
+    /// Hook told of every renewal with the new `until` (POST), for servers
+    /// that stop listening on their own when renewals stop.
+    #[arg(long, env = "LISTENER_RENEW_PATH")]
+    listener_renew_path: Option<String>,
+    /// Loopback address of the multi-node claim endpoint.
+    #[arg(long, env = "CLAIM_ADDRESS", default_value = "127.0.0.1:9097")]
+    claim_address: std::net::SocketAddr,
+    /// The cluster database, for multi-node claims (from the cluster's
+    /// credentials Secret).
+    #[arg(long, env = "DB_HOST")]
+    database_host: Option<String>,
+    #[arg(long, env = "DB_PORT", default_value_t = 5432)]
+    database_port: u16,
+    #[arg(long, env = "DB_NAME")]
+    database_name: Option<String>,
+    #[arg(long, env = "DB_USERNAME")]
+    database_username: Option<String>,
+    #[arg(long, env = "DB_PASSWORD", hide_env_values = true)]
+    database_password: Option<String>,
+}
+
+impl ListenerArgs {
+    fn setup(self) -> anyhow::Result<agent::ListenerSetup> {
+        let specs: Vec<api::ListenerSpec> = match &self.listeners {
+            Some(json) if !json.trim().is_empty() => serde_json::from_str(json)
+                .context("--listeners is not the JSON of spec.listeners")?,
+            _ => Vec::new(),
+        };
+        let multi = specs.iter().any(|l| l.mode == api::ListenerMode::MultiNode);
+        let claims = match (multi, self.database_host, self.database_name) {
+            (true, Some(host), Some(name)) => {
+                let endpoint = database::Endpoint {
+                    host,
+                    port: self.database_port,
+                    database: name,
+                };
+                let login = database::Login {
+                    username: self.database_username.unwrap_or_default(),
+                    password: self.database_password.unwrap_or_default(),
+                };
+                Some((
+                    self.claim_address,
+                    database::role_options(&endpoint, &login),
+                ))
+            }
+            _ => None,
+        };
+        Ok(agent::ListenerSetup {
+            specs,
+            paths: listeners::ListenerHooks {
+                enable: self.listener_enable_path,
+                disable: self.listener_disable_path,
+                renew: self.listener_renew_path,
+            },
+            claims,
+        })
+    }
 }
 
 /// The package list the operator renders into the ConfigMap; init installs
@@ -176,6 +250,7 @@ async fn main() -> ExitCode {
             installed_dir,
             config_dir,
             interval_ms,
+            listeners,
         }) => {
             let packages = agent::Packages {
                 list: package_list.packages_file,
@@ -192,7 +267,12 @@ async fn main() -> ExitCode {
                     .zip(password)
                     .map(|(u, p)| agent::hooks::basic_auth(&u, &p)),
             };
-            agent_watch(pod_name, pod_namespace, hooks, packages, interval_ms).await
+            match listeners.setup() {
+                Ok(setup) => {
+                    agent_watch(pod_name, pod_namespace, hooks, packages, interval_ms, setup).await
+                }
+                Err(e) => Err(e),
+            }
         }
     };
     match result {
@@ -267,6 +347,7 @@ async fn agent_watch(
     hooks: agent::hooks::Hooks,
     packages: agent::Packages,
     interval_ms: u64,
+    setup: agent::ListenerSetup,
 ) -> anyhow::Result<()> {
     telemetry::init(telemetry::LogFormat::Text);
     let client = kube::Client::try_default()
@@ -275,11 +356,20 @@ async fn agent_watch(
     let interval = std::time::Duration::from_millis(interval_ms);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    tokio::select! {
-        result = agent::watch(client, &namespace, &pod, hooks, packages, interval) => result?,
-        _ = tokio::signal::ctrl_c() => {}
-        _ = terminate.recv() => {}
-    }
+    // A signal asks the loop to stop; it disables and releases the
+    // listeners before it returns.
+    let (stop, shutdown) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+    agent::watch(
+        client, &namespace, &pod, hooks, packages, interval, setup, shutdown,
+    )
+    .await?;
     Ok(())
 }
 

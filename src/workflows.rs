@@ -72,6 +72,8 @@ pub struct Facts {
     pub last_online: bool,
     /// Guaranteed-delivery work the node owns in the cluster database.
     pub gd: GdWork,
+    /// The node holds a single-node listener's Lease.
+    pub holds_listener: bool,
 }
 
 /// Unfinished guaranteed-delivery work of a node.
@@ -241,6 +243,13 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 }) => (false, format!("{n} requests in flight")),
                 Some(_) => (false, "the agent to report in-flight work".to_owned()),
             };
+            // A node hands its single-node listeners over before it counts
+            // as offline.
+            let (drained, waiting_for) = if drained && facts.holds_listener {
+                (false, "the node to hand its listeners over".to_owned())
+            } else {
+                (drained, waiting_for)
+            };
             // Removal also waits for the node's guaranteed-delivery work:
             // deleting a server that owns some would lose it (seed 003).
             let (drained, waiting_for) = match (removing && drained, facts.gd) {
@@ -315,6 +324,7 @@ mod tests {
             force: false,
             slot_free: true,
             gd: GdWork::NotTracked,
+            holds_listener: false,
             last_online: false,
         }
     }
@@ -481,6 +491,25 @@ mod tests {
         );
         assert!(forced.forced);
         assert_eq!(forced.steps, vec![Step::DeletePod]);
+    }
+
+    #[test]
+    fn a_listener_holder_is_not_offline_until_it_handed_over() {
+        let holding = Facts {
+            holds_listener: true,
+            ..facts(OFF)
+        };
+        let d = decide("n-1", Some(Draining), Intent::Offline, &holding);
+        assert_eq!(d.state, Draining);
+        assert!(
+            d.message.contains("hand its listeners over"),
+            "{}",
+            d.message
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Offline, facts(OFF)),
+            (Offline, vec![])
+        );
     }
 
     #[test]

@@ -128,6 +128,11 @@ impl Hooks {
         Ok(String::from_utf8_lossy(&body).trim().to_owned())
     }
 
+    /// POSTs to `path` (path and query) on the server's admin port.
+    pub async fn post(&self, path: &str) -> Result<(), HookError> {
+        self.call(Method::POST, path).await.map(|_| ())
+    }
+
     pub async fn quiesce(&self) -> Result<(), HookError> {
         match &self.quiesce {
             Some(path) => self.call(Method::POST, path).await.map(|_| ()),

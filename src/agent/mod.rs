@@ -7,6 +7,7 @@ pub mod hooks;
 pub mod init;
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -14,6 +15,8 @@ use kube::api::{Api, Patch, PatchParams};
 use kube::{Client, ResourceExt};
 use tracing::{info, warn};
 
+use crate::api::ListenerSpec;
+use crate::listeners::{ListenerHooks, Listeners};
 use crate::naming::annotations;
 use hooks::Hooks;
 
@@ -138,7 +141,39 @@ fn config_files(dir: &std::path::Path) -> Option<BTreeMap<String, String>> {
 /// How often the installed packages are checksummed again.
 const PACKAGE_CHECK: Duration = Duration::from_secs(30);
 
-/// Runs the sidecar loop until the process is stopped.
+/// The listeners an agent runs and how it reaches the database for
+/// multi-node claims.
+#[derive(Clone, Debug, Default)]
+pub struct ListenerSetup {
+    pub specs: Vec<ListenerSpec>,
+    pub paths: ListenerHooks,
+    /// Loopback address of the claim endpoint and the cluster role's
+    /// connection, for multi-node listeners.
+    pub claims: Option<(std::net::SocketAddr, sqlx::postgres::PgConnectOptions)>,
+}
+
+/// Whether the operator has this node online: its gate is True, it is not
+/// asked to go offline and not being deleted. Only online nodes contend
+/// for listeners.
+fn online(pod: &Pod) -> bool {
+    let gate = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.type_ == crate::naming::ONLINE_CONDITION && c.status == "True")
+        });
+    let offline = pod
+        .annotations()
+        .get(annotations::DESIRED_STATE)
+        .is_some_and(|s| s == "offline");
+    gate && !offline && pod.metadata.deletion_timestamp.is_none()
+}
+
+/// Runs the sidecar loop until `shutdown` turns true; listeners are
+/// disabled and their Leases released before it returns.
+#[allow(clippy::too_many_arguments)]
 pub async fn watch(
     client: Client,
     namespace: &str,
@@ -146,31 +181,84 @@ pub async fn watch(
     hooks: Hooks,
     packages: Packages,
     interval: Duration,
+    setup: ListenerSetup,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
 ) -> Result<(), AgentError> {
-    let pods: Api<Pod> = Api::namespaced(client, namespace);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
     let mut quiesced = false;
     let mut first = true;
     let mut installed: Option<String> = None;
     let mut files: Option<String> = None;
     let mut checked: Option<tokio::time::Instant> = None;
+    let (eligible_tx, eligible_rx) = tokio::sync::watch::channel(false);
+    let mut listeners: Option<(Arc<Listeners>, tokio::task::JoinHandle<()>)> = None;
+    let mut claims: Option<tokio::task::JoinHandle<()>> = None;
     info!(pod = pod_name, server = %hooks.address, "agent watching");
     loop {
-        let pod = pods
-            .get(pod_name)
-            .await
-            .map_err(|source| AgentError::ReadPod {
-                pod: pod_name.to_owned(),
-                source,
-            })?;
+        if *shutdown.borrow() {
+            break;
+        }
+        // The API may be away for a while; the listeners' own deadlines
+        // keep them safe, so the agent waits instead of exiting.
+        let pod = match pods.get(pod_name).await {
+            Ok(pod) => pod,
+            Err(source) => {
+                warn!(error = %AgentError::ReadPod { pod: pod_name.to_owned(), source }, "will retry");
+                tokio::select! {
+                    _ = tokio::time::sleep(interval) => {}
+                    _ = shutdown.changed() => {}
+                }
+                continue;
+            }
+        };
         if first {
             quiesced = Report::of(&pod).is_some_and(|r| r.quiesced);
             first = false;
+            let cluster = pod.labels().get(crate::naming::labels::CLUSTER).cloned();
+            if let (Some(cluster), false) = (cluster, setup.specs.is_empty()) {
+                let shared = Arc::new(Listeners {
+                    leases: Api::namespaced(client.clone(), namespace),
+                    me: pod_name.to_owned(),
+                    cluster,
+                    hooks: hooks.clone(),
+                    paths: setup.paths.clone(),
+                    holding: Default::default(),
+                });
+                let task = tokio::spawn(crate::listeners::run(
+                    shared.clone(),
+                    setup.specs.clone(),
+                    eligible_rx.clone(),
+                    shutdown.clone(),
+                ));
+                listeners = Some((shared, task));
+            }
+            if let Some((address, options)) = setup.claims.clone() {
+                let pool = sqlx::postgres::PgPoolOptions::new()
+                    .max_connections(4)
+                    .connect_lazy_with(options);
+                let node = pod_name.to_owned();
+                claims = Some(tokio::spawn(async move {
+                    if let Err(e) = crate::listeners::claims::serve(address, pool, node).await {
+                        warn!(%address, error = %e, "claim endpoint stopped");
+                    }
+                }));
+            }
         }
+        eligible_tx.send_if_modified(|was| {
+            let now = online(&pod);
+            let changed = *was != now;
+            *was = now;
+            changed
+        });
         let want_offline = pod
             .annotations()
             .get(annotations::DESIRED_STATE)
             .is_some_and(|s| s == "offline");
-        if want_offline && !quiesced {
+        // A node going offline hands its listeners over first.
+        let handing_over = listeners.as_ref().is_some_and(|(l, _)| l.holds_any());
+        if want_offline && !quiesced && handing_over {
+            info!(pod = pod_name, "handing listeners over before quiescing");
+        } else if want_offline && !quiesced {
             match hooks.quiesce().await {
                 Ok(()) => {
                     quiesced = true;
@@ -219,8 +307,24 @@ pub async fn watch(
                 warn!(pod = pod_name, error = %e, "reporting failed");
             }
         }
-        tokio::time::sleep(interval).await;
+        tokio::select! {
+            _ = tokio::time::sleep(interval) => {}
+            _ = shutdown.changed() => {}
+        }
     }
+    if let Some(claims) = claims {
+        claims.abort();
+    }
+    if let Some((_, task)) = listeners {
+        // The listener tasks saw the shutdown too: they disable and release.
+        if tokio::time::timeout(crate::listeners::RELEASE_TIMEOUT, task)
+            .await
+            .is_err()
+        {
+            warn!(pod = pod_name, "listeners did not release in time");
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -311,6 +311,22 @@ pub struct HooksSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
     pub in_flight_path: Option<String>,
+    /// POST: start a listener. `{listener}` in the path is replaced by the
+    /// listener's target; the agent adds `epoch` (the fencing epoch) and,
+    /// for single-node listeners, `until` (Unix milliseconds after which
+    /// the server should stop listening unless renewed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub listener_enable_path: Option<String>,
+    /// POST: stop a listener (same parameters, without `until`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub listener_disable_path: Option<String>,
+    /// POST: a single-node listener's lease was renewed; carries the new
+    /// `until`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256), regex(pattern = r"^/"))]
+    pub listener_renew_path: Option<String>,
 }
 
 /// HTTP health endpoints of a generic server.

@@ -3,6 +3,7 @@
 //! server holds, so a settled cluster costs no writes.
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -114,6 +115,13 @@ pub async fn ensure_shared(
     if ensure(&pdbs, &workload::disruption_budget(ic)).await? {
         changed.push("PodDisruptionBudget");
     }
+    // Single-node listener Leases (empty until an agent holds them).
+    let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
+    for name in workload::listener_leases(ic) {
+        if ensure(&leases, &workload::listener_lease(ic, name)).await? {
+            changed.push("listener Lease");
+        }
+    }
     // The managed cache and database, when the spec asks for them.
     let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
     if let Some(cm) = cache::config_map(ic)
@@ -145,6 +153,20 @@ pub async fn ensure_shared(
         info!(cluster = %ic.name_any(), ?changed, "applied shared objects");
     }
     Ok(())
+}
+
+/// The cluster's listener Leases.
+pub async fn observe_leases(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<Lease>, Error> {
+    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
+    let params = ListParams::default().labels(&format!("{}={}", labels::CLUSTER, ic.name_any()));
+    Ok(api
+        .list(&params)
+        .await
+        .map_err(|source| Error::Read {
+            what: "listener leases".into(),
+            source,
+        })?
+        .items)
 }
 
 /// The server pods and volume claims of a cluster.
@@ -237,13 +259,7 @@ pub async fn execute(
                 } else {
                     ("Replacing", format!("Replacing {node}: {reason}"))
                 };
-                let pod = ObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: Some(node.clone()),
-                    namespace: Some(ns.clone()),
-                    ..ObjectReference::default()
-                };
+                let pod = pod_ref(&ns, node);
                 publish_about(ctx, ic, EventType::Normal, event_reason, note, Some(pod)).await;
             }
             Action::DeleteClaim { name } => {
@@ -323,6 +339,17 @@ pub async fn publish(
 /// Publishes an Event about the cluster and a related object. Events with
 /// the same reason about different objects stay separate Events instead of
 /// being folded into one series.
+/// A reference to a pod, as an Event's related object.
+pub fn pod_ref(namespace: &str, name: &str) -> ObjectReference {
+    ObjectReference {
+        api_version: Some("v1".into()),
+        kind: Some("Pod".into()),
+        name: Some(name.to_owned()),
+        namespace: Some(namespace.to_owned()),
+        ..ObjectReference::default()
+    }
+}
+
 pub async fn publish_about(
     ctx: &Context,
     ic: &IntegrationCluster,

@@ -9,6 +9,7 @@ mod apply;
 mod cache;
 mod conditions;
 mod database;
+mod listeners;
 mod plan;
 mod status;
 
@@ -18,6 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -28,7 +30,8 @@ use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::Store;
-use kube::runtime::watcher;
+use kube::runtime::utils::PredicateConfig;
+use kube::runtime::{WatchStreamExt, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -198,7 +201,15 @@ pub async fn run(client: Client, scope: Scope) {
         .owns(owned_api::<ServiceAccount>(&client, &scope), owned.clone())
         .owns(owned_api::<Role>(&client, &scope), owned.clone())
         .owns(owned_api::<RoleBinding>(&client, &scope), owned.clone())
-        .owns(owned_api::<StatefulSet>(&client, &scope), owned);
+        .owns(owned_api::<StatefulSet>(&client, &scope), owned.clone())
+        // Listener Leases wake the controller on a new holder or epoch,
+        // not on every renewal.
+        .owns_stream(
+            watcher(owned_api::<Lease>(&client, &scope), owned)
+                .default_backoff()
+                .touched_objects()
+                .predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
+        );
     let ctx = Arc::new(Context {
         client: client.clone(),
         recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
@@ -342,6 +353,8 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     let (pods, claims) = apply::observe(ctx, ic).await?;
     let gd = guaranteed_delivery_work(ic, db.as_ref(), &pods).await;
     let cache = cache::observe(&ctx.client, ic, !pods.is_empty()).await?;
+    let leases = apply::observe_leases(ctx, ic).await?;
+    let listener_holders = listeners::holders(&leases, Timestamp::now());
     let start_blocked = match (&db, &cache) {
         (Some(view), _) if !view.credentials_ready => {
             Some("waiting for the database endpoint before starting servers".to_owned())
@@ -354,6 +367,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         claims: &claims,
         gd: gd.as_ref().map(|r| r.as_ref().map_err(|_| ())),
         start_blocked: start_blocked.as_deref(),
+        listener_holders: &listener_holders,
         now: Timestamp::now(),
     };
     let plan = plan::plan(ic, cluster, &rendered, &observed);
@@ -369,10 +383,25 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         rendered: &rendered,
         database: db.as_ref().map(|v| v.status.clone()),
         cache: cache.as_ref().map(|v| v.status.clone()),
+        listeners: listeners::statuses(ic, &leases, Timestamp::now()),
         shared_problem,
     };
     let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());
     write_status(ctx, ic, &current, &desired).await?;
+    // Related to the node, so that hand-overs to different nodes stay
+    // separate Events instead of one series with the first note.
+    for (note, node) in listeners::handovers(&current.listeners, &desired.listeners) {
+        let pod = apply::pod_ref(&namespace, &node);
+        apply::publish_about(
+            ctx,
+            ic,
+            EventType::Normal,
+            "ListenerHandover",
+            note,
+            Some(pod),
+        )
+        .await;
+    }
     if let Some((reason, message)) = &progress.shared_problem
         && status::newly_true(&current, &desired, condition::DEGRADED)
     {

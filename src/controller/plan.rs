@@ -39,6 +39,8 @@ pub struct Observed<'a> {
     pub gd: Option<Result<&'a BTreeMap<String, u64>, ()>>,
     /// Why new servers cannot start yet, if they cannot.
     pub start_blocked: Option<&'a str>,
+    /// Nodes holding a single-node listener's Lease now.
+    pub listener_holders: &'a [String],
     pub now: Timestamp,
 }
 
@@ -308,6 +310,7 @@ pub fn plan(
             slot_free: holds
                 || slots_used < usize::try_from(spec.rollout.max_unavailable).unwrap_or(1),
             last_online: online_now.len() == 1 && online_now.contains(member.name.as_str()),
+            holds_listener: observed.listener_holders.contains(&member.name),
             gd: match observed.gd {
                 None => GdWork::NotTracked,
                 Some(Err(())) => GdWork::Unknown,
@@ -596,6 +599,7 @@ mod tests {
                 claims,
                 gd: None,
                 start_blocked: None,
+                listener_holders: &[],
                 now: at(now),
             },
         )

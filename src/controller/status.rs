@@ -7,8 +7,8 @@ use k8s_openapi::jiff::Timestamp;
 use super::conditions::{self, Desired};
 use super::plan::Plan;
 use crate::api::{
-    CacheStatus, DatabaseStatus, IntegrationCluster, IntegrationClusterStatus, NodeState,
-    NodeStatus, Phase, condition,
+    CacheStatus, DatabaseStatus, IntegrationCluster, IntegrationClusterStatus, ListenerStatus,
+    NodeState, NodeStatus, Phase, condition,
 };
 use crate::render::Rendered;
 use crate::validation::{Problem, ValidatedCluster};
@@ -20,6 +20,7 @@ pub struct Progress<'a> {
     /// The database and cache as observed (None: the cluster has none).
     pub database: Option<DatabaseStatus>,
     pub cache: Option<CacheStatus>,
+    pub listeners: Vec<ListenerStatus>,
     /// What is wrong with the cache or database: a Degraded reason and
     /// message.
     pub shared_problem: Option<(&'static str, String)>,
@@ -80,6 +81,7 @@ pub fn desired(
         status.nodes = node_statuses(&current, progress.plan, now);
         status.database = progress.database.clone();
         status.cache = progress.cache.clone();
+        status.listeners = progress.listeners.clone();
     }
     status.phase = Some(phase);
     status.conditions =

@@ -1,11 +1,13 @@
 //! What the in-pod agents may do: read and annotate their own cluster's
-//! server pods (by name) and publish Events. Nothing else.
+//! server pods (by name), read and renew their listener Leases (by name)
+//! and publish Events. Nothing else.
 
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 
 use super::owned_meta;
-use crate::api::IntegrationCluster;
+use crate::api::{IntegrationCluster, ListenerMode};
 use crate::naming;
 use crate::validation::ValidatedCluster;
 
@@ -32,6 +34,15 @@ pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
                 verbs: vec!["get".into(), "patch".into()],
                 ..PolicyRule::default()
             },
+            // Single-node listener Leases, by name: the operator creates
+            // them, the agents only read and replace them.
+            PolicyRule {
+                api_groups: Some(vec!["coordination.k8s.io".into()]),
+                resources: Some(vec!["leases".into()]),
+                resource_names: Some(listener_leases(ic)),
+                verbs: vec!["get".into(), "update".into()],
+                ..PolicyRule::default()
+            },
             PolicyRule {
                 api_groups: Some(vec!["events.k8s.io".into()]),
                 resources: Some(vec!["events".into()]),
@@ -39,6 +50,26 @@ pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
                 ..PolicyRule::default()
             },
         ]),
+    }
+}
+
+/// The Lease names of the cluster's single-node listeners.
+pub fn listener_leases(ic: &IntegrationCluster) -> Vec<String> {
+    let cluster = ic.metadata.name.as_deref().unwrap_or_default();
+    ic.spec
+        .listeners
+        .iter()
+        .filter(|l| l.mode == ListenerMode::SingleNode)
+        .map(|l| crate::listeners::lease_name(cluster, &l.name))
+        .collect()
+}
+
+/// An empty Lease for a single-node listener, owned by the cluster; the
+/// agents fill in the holder.
+pub fn listener_lease(ic: &IntegrationCluster, name: String) -> Lease {
+    Lease {
+        metadata: owned_meta(ic, name, "listener"),
+        spec: None,
     }
 }
 

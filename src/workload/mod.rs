@@ -6,7 +6,7 @@ mod agent_access;
 mod pod;
 mod services;
 
-pub use agent_access::{agent_account, agent_binding, agent_role};
+pub use agent_access::{agent_account, agent_binding, agent_role, listener_lease, listener_leases};
 pub use pod::{containers_ready, digests_of, is_online, is_ready, pod};
 pub use services::{admin_service, client_service, config_map, data_claim, disruption_budget};
 

@@ -439,6 +439,29 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
             agent_env.push(secret_env(name, &secret.name, key));
         }
     }
+    if !spec.listeners.is_empty() {
+        agent_env.push(env(
+            "LISTENERS",
+            serde_json::to_string(&spec.listeners).unwrap_or_default(),
+        ));
+        let multi = spec
+            .listeners
+            .iter()
+            .any(|l| l.mode == crate::api::ListenerMode::MultiNode);
+        if multi && spec.database.is_some() {
+            // The claim ledger is in the cluster database.
+            let secret = naming::database_credentials(&cluster);
+            for (name, key) in [
+                ("DB_HOST", "host"),
+                ("DB_PORT", "port"),
+                ("DB_NAME", "database"),
+                (render::DB_USERNAME_ENV, "username"),
+                (render::DB_PASSWORD_ENV, "password"),
+            ] {
+                agent_env.push(secret_env(name, &secret, key));
+            }
+        }
+    }
     let sidecar = Container {
         name: "agent".into(),
         image: Some(agent_image),
@@ -552,6 +575,16 @@ fn agent_hooks(ic: &IntegrationCluster) -> Vec<(&'static str, String)> {
                 "/invoke/wm.server.quiesce/setActiveMode".to_owned(),
             ));
             hooks.push(("HEALTH_PATH", "/health".to_owned()));
+            // WmART's listener services (adapter listeners such as the
+            // Kafka adapter's); they take the listener's name.
+            hooks.push((
+                "LISTENER_ENABLE_PATH",
+                "/invoke/pub.art.listener/enableListener?listenerName={listener}".to_owned(),
+            ));
+            hooks.push((
+                "LISTENER_DISABLE_PATH",
+                "/invoke/pub.art.listener/disableListener?listenerName={listener}".to_owned(),
+            ));
         }
         // Carbon has no quiesce API: offline stops client traffic only.
         Profile::Wso2Carbon => {}
@@ -562,6 +595,9 @@ fn agent_hooks(ic: &IntegrationCluster) -> Vec<(&'static str, String)> {
                     ("QUIESCE_PATH", &h.quiesce_path),
                     ("RESUME_PATH", &h.resume_path),
                     ("IN_FLIGHT_PATH", &h.in_flight_path),
+                    ("LISTENER_ENABLE_PATH", &h.listener_enable_path),
+                    ("LISTENER_DISABLE_PATH", &h.listener_disable_path),
+                    ("LISTENER_RENEW_PATH", &h.listener_renew_path),
                 ] {
                     if let Some(v) = value {
                         hooks.push((name, v.clone()));

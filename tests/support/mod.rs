@@ -327,6 +327,53 @@ impl Operator {
         )
     }
 
+    /// An agent talking to the API server through `kubeconfig` (a test's
+    /// proxy, say).
+    pub fn agent_via(
+        namespace: &str,
+        pod: &str,
+        server: &str,
+        extra: &[&str],
+        kubeconfig: &PathBuf,
+    ) -> Self {
+        let mut args = vec![
+            "agent",
+            "watch",
+            "--pod-name",
+            pod,
+            "--pod-namespace",
+            namespace,
+            "--server",
+            server,
+            "--interval-ms",
+            "200",
+        ];
+        args.extend_from_slice(extra);
+        Self::spawn(&format!("agent-{namespace}-{pod}"), &args, kubeconfig)
+    }
+
+    /// Sends `signal` (TERM, STOP, CONT, KILL) to the process.
+    pub fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{signal} failed");
+    }
+
+    /// Waits until the process exited (after a signal), up to `timeout`;
+    /// async, so servers on the test's runtime keep answering meanwhile.
+    pub async fn wait_exit(&mut self, timeout: Duration) -> bool {
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline {
+            if matches!(self.child.try_wait(), Ok(Some(_))) {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        false
+    }
+
     fn spawn(log_name: &str, args: &[&str], kubeconfig: &PathBuf) -> Self {
         let log = std::fs::File::create(state_dir().join("logs").join(format!("{log_name}.log")))
             .expect("create log");

@@ -2,8 +2,11 @@
 //! real HTTP server to quiesce, resume and ask for in-flight work; a test
 //! holds work open by setting the in-flight count.
 
+#![allow(dead_code)] // each test binary uses a different subset
+
 use std::convert::Infallible;
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use http_body_util::Full;
 use hyper::body::Bytes;
@@ -21,6 +24,102 @@ pub struct ServerState {
     pub authorization: Option<String>,
     /// Files served on GET (package archives for url sources).
     pub files: std::collections::BTreeMap<String, Vec<u8>>,
+    /// Listener hook calls, in order of arrival.
+    pub listener: Vec<ListenerCall>,
+}
+
+/// What a listener hook call asked.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ListenerAction {
+    Enable,
+    Renew,
+    Disable,
+}
+
+/// One listener hook call as the server received it.
+#[derive(Clone, Debug)]
+pub struct ListenerCall {
+    pub at: SystemTime,
+    pub action: ListenerAction,
+    pub listener: String,
+    pub epoch: i64,
+    /// Until when the server may listen without another renewal.
+    pub until: Option<SystemTime>,
+}
+
+/// A span during which a server listened.
+#[derive(Clone, Debug)]
+pub struct Listening {
+    pub server: usize,
+    pub from: SystemTime,
+    pub to: SystemTime,
+    pub epoch: i64,
+}
+
+/// When each server listened, as a server that honours `until` would:
+/// from an enable to the earlier of the next disable and the last `until`
+/// (renewals extend it). An open span ends at `now`.
+pub fn timeline(servers: &[&StandIn], now: SystemTime) -> Vec<Listening> {
+    let mut spans = Vec::new();
+    for (i, server) in servers.iter().enumerate() {
+        let calls = server.lock().listener.clone();
+        let mut open: Option<(SystemTime, Option<SystemTime>, i64)> = None;
+        let close =
+            |from, until: Option<SystemTime>, at: SystemTime, epoch, spans: &mut Vec<Listening>| {
+                let to = until.map_or(at, |u| u.min(at));
+                spans.push(Listening {
+                    server: i,
+                    from,
+                    to: to.max(from),
+                    epoch,
+                });
+            };
+        for call in calls {
+            match (call.action, open) {
+                (ListenerAction::Enable, None) => open = Some((call.at, call.until, call.epoch)),
+                (ListenerAction::Enable | ListenerAction::Renew, Some((from, until, epoch))) => {
+                    // A renewal that comes after the permission ran out
+                    // starts a new span.
+                    if until.is_some_and(|u| u < call.at) {
+                        close(from, until, call.at, epoch, &mut spans);
+                        open = Some((call.at, call.until, call.epoch));
+                    } else {
+                        open = Some((from, call.until, call.epoch));
+                    }
+                }
+                (ListenerAction::Disable, Some((from, until, epoch))) => {
+                    close(from, until, call.at, epoch, &mut spans);
+                    open = None;
+                }
+                (ListenerAction::Renew | ListenerAction::Disable, None) => {}
+            }
+        }
+        if let Some((from, until, epoch)) = open {
+            close(from, until, now, epoch, &mut spans);
+        }
+    }
+    spans.sort_by_key(|s| s.from);
+    spans
+}
+
+/// Pairs of spans of different servers that overlap, with the overlap.
+pub fn overlaps(spans: &[Listening]) -> Vec<(Listening, Listening, Duration)> {
+    let mut found = Vec::new();
+    for (i, a) in spans.iter().enumerate() {
+        for b in &spans[i + 1..] {
+            if a.server == b.server {
+                continue;
+            }
+            let start = a.from.max(b.from);
+            let end = a.to.min(b.to);
+            if let Ok(d) = end.duration_since(start)
+                && !d.is_zero()
+            {
+                found.push((a.clone(), b.clone(), d));
+            }
+        }
+    }
+    found
 }
 
 /// One stand-in server on a free loopback port; stops with the test.
@@ -95,6 +194,31 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
             String::new()
         }
         ("GET", "/inflight") => s.in_flight.to_string(),
+        ("POST", path @ ("/listener/enable" | "/listener/renew" | "/listener/disable")) => {
+            let query = request.uri().query().unwrap_or_default();
+            let param = |key: &str| {
+                query
+                    .split('&')
+                    .filter_map(|kv| kv.split_once('='))
+                    .find(|(k, _)| *k == key)
+                    .map(|(_, v)| v.to_owned())
+            };
+            let action = match path {
+                "/listener/enable" => ListenerAction::Enable,
+                "/listener/renew" => ListenerAction::Renew,
+                _ => ListenerAction::Disable,
+            };
+            s.listener.push(ListenerCall {
+                at: SystemTime::now(),
+                action,
+                listener: param("listener").unwrap_or_default(),
+                epoch: param("epoch").and_then(|e| e.parse().ok()).unwrap_or(-1),
+                until: param("until")
+                    .and_then(|u| u.parse::<u64>().ok())
+                    .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+            });
+            String::new()
+        }
         ("GET", "/health") => "UP".into(),
         _ => {
             let mut response = Response::new(Full::new(Bytes::from(format!(

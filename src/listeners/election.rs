@@ -1,0 +1,150 @@
+//! The decisions of a single-node listener's election, as pure functions of
+//! the Lease as read, when this agent last saw it change, and the clock.
+//!
+//! Like client-go's leaderelection, expiry is judged on the reader's own
+//! monotonic clock (the time it observed the record change), never by
+//! comparing another process's timestamps, so clock skew cannot shorten a
+//! lease. Unlike it, the holder's permission to listen is bounded on the
+//! server side too: every enable carries `until` = the start of the last
+//! successful renewal + the renew deadline, which is before the lease can
+//! expire for anyone else, so a holder that freezes stops listening on its
+//! own before another node may start.
+
+use std::time::{Duration, Instant, SystemTime};
+
+/// A listener's election timings.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Timings {
+    pub lease: Duration,
+    pub renew_deadline: Duration,
+    pub retry: Duration,
+}
+
+impl Timings {
+    pub fn from_seconds(lease: i32, renew_deadline: i32, retry: i32) -> Self {
+        let s = |v: i32| Duration::from_secs(u64::try_from(v.max(1)).unwrap_or(1));
+        Timings {
+            lease: s(lease),
+            renew_deadline: s(renew_deadline),
+            retry: s(retry),
+        }
+    }
+}
+
+/// The parts of a Lease the election reads.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Record {
+    pub holder: Option<String>,
+    pub transitions: i32,
+    pub duration_seconds: i32,
+    /// The renew time as the holder wrote it (compared for change only).
+    pub renew_time: Option<String>,
+}
+
+impl Record {
+    fn held_by(&self, me: &str) -> bool {
+        self.holder.as_deref() == Some(me)
+    }
+
+    fn free(&self) -> bool {
+        self.holder.as_deref().is_none_or(str::is_empty)
+    }
+}
+
+/// What to do with the Lease now.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Next {
+    /// We hold it: write a new renew time.
+    Renew,
+    /// Free or expired: take it (transitions + 1).
+    Acquire,
+    /// Someone else holds a valid lease.
+    Wait,
+}
+
+/// `observed_at` is when this agent first saw the record as it is now.
+pub fn next(me: &str, record: &Record, observed_at: Instant, now: Instant) -> Next {
+    if record.held_by(me) {
+        return Next::Renew;
+    }
+    if record.free() {
+        return Next::Acquire;
+    }
+    let lease = Duration::from_secs(u64::try_from(record.duration_seconds.max(1)).unwrap_or(1));
+    if now.duration_since(observed_at) >= lease {
+        Next::Acquire
+    } else {
+        Next::Wait
+    }
+}
+
+/// Whether a holder whose last successful renewal started at `last_renew`
+/// must stop listening: the renew deadline passed.
+pub fn must_step_down(last_renew: Instant, now: Instant, timings: &Timings) -> bool {
+    now.duration_since(last_renew) >= timings.renew_deadline
+}
+
+/// Until when a renewal that started at `renew_started` (wall clock)
+/// allows listening.
+pub fn listen_until(renew_started: SystemTime, timings: &Timings) -> SystemTime {
+    renew_started + timings.renew_deadline
+}
+
+/// Milliseconds since the Unix epoch, as the hooks carry times.
+pub fn unix_millis(t: SystemTime) -> u128 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn held(by: &str) -> Record {
+        Record {
+            holder: Some(by.into()),
+            transitions: 3,
+            duration_seconds: 15,
+            renew_time: Some("t".into()),
+        }
+    }
+
+    #[test]
+    fn the_holder_renews_and_a_free_lease_is_taken() {
+        let now = Instant::now();
+        assert_eq!(next("a", &held("a"), now, now), Next::Renew);
+        assert_eq!(next("a", &Record::default(), now, now), Next::Acquire);
+        let released = Record {
+            holder: Some(String::new()),
+            ..held("b")
+        };
+        assert_eq!(next("a", &released, now, now), Next::Acquire);
+    }
+
+    #[test]
+    fn another_holders_lease_expires_on_the_readers_clock() {
+        let seen = Instant::now();
+        let later = |s| seen + Duration::from_secs(s);
+        assert_eq!(next("a", &held("b"), seen, later(14)), Next::Wait);
+        assert_eq!(next("a", &held("b"), seen, later(15)), Next::Acquire);
+    }
+
+    #[test]
+    fn a_holder_steps_down_at_the_renew_deadline_before_the_lease_expires() {
+        let t = Timings::from_seconds(15, 10, 2);
+        let renewed = Instant::now();
+        assert!(!must_step_down(
+            renewed,
+            renewed + Duration::from_secs(9),
+            &t
+        ));
+        assert!(must_step_down(
+            renewed,
+            renewed + Duration::from_secs(10),
+            &t
+        ));
+        // What a holder is allowed ends before anyone else may acquire.
+        let wall = SystemTime::now();
+        assert!(listen_until(wall, &t) < wall + t.lease);
+    }
+}
