@@ -233,6 +233,26 @@ pub fn status_table(ic: &IntegrationCluster) -> String {
         out += &format!("  Invalid: {}\n", c.message);
     }
     out += &table(&rows);
+    if !status.listeners.is_empty() {
+        let mut listeners = vec![vec![
+            "LISTENER".to_owned(),
+            "HOLDER".to_owned(),
+            "EPOCH".to_owned(),
+            "RENEWED".to_owned(),
+        ]];
+        for l in &status.listeners {
+            listeners.push(vec![
+                l.name.clone(),
+                l.holder.clone().unwrap_or_else(|| "-".to_owned()),
+                l.transitions.map_or("-".to_owned(), |t| t.to_string()),
+                l.renew_time
+                    .as_ref()
+                    .map_or("-".to_owned(), |t| t.0.to_string()),
+            ]);
+        }
+        out += "\n";
+        out += &table(&listeners);
+    }
     out
 }
 
@@ -347,6 +367,26 @@ mod tests {
         assert_eq!(gitops_manager(&ic.metadata), Some("Argo CD"));
         let flux = cluster(&[], vec![("kustomize-controller", &[])]);
         assert_eq!(gitops_manager(&flux.metadata), Some("Flux"));
+    }
+
+    #[test]
+    fn the_status_shows_listener_holders_and_epochs() {
+        let mut ic = cluster(&[], vec![]);
+        ic.status = Some(crate::api::IntegrationClusterStatus {
+            listeners: vec![crate::api::ListenerStatus {
+                name: "orders-in".into(),
+                holder: Some("c-2".into()),
+                transitions: Some(4),
+                renew_time: None,
+            }],
+            ..Default::default()
+        });
+        let out = status_table(&ic);
+        assert!(
+            out.contains("LISTENER    HOLDER   EPOCH   RENEWED"),
+            "{out}"
+        );
+        assert!(out.contains("orders-in   c-2      4       -"), "{out}");
     }
 
     #[test]
