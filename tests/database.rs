@@ -299,10 +299,22 @@ async fn bad_admin_settings_give_a_clear_condition_without_the_secret() {
         &format!("host=db password={wrong_password}"),
     )
     .await;
+    // An admin that may log in but not create roles or databases.
+    let weak = format!("weak_{}", b.ns.replace('-', "_"));
+    let mut conn = admin_connection("postgres").await;
+    sqlx::query(AssertSqlSafe(format!(
+        "CREATE ROLE {weak} LOGIN PASSWORD '{wrong_password}'"
+    )))
+    .execute(&mut conn)
+    .await
+    .expect("weak role");
+    let weak_url = format!("postgres://{weak}:{wrong_password}@127.0.0.1:15432/postgres");
+    database_admin_secret(&b.client, &b.ns, "weak", &weak_url).await;
     for (name, secret) in [
         ("gamma", "wrong"),
         ("delta", "closed"),
         ("epsilon", "garbage"),
+        ("zeta", "weak"),
     ] {
         create_yaml(&b.client, &b.ns, &cluster(name, secret, 1, ""))
             .await
@@ -323,6 +335,11 @@ async fn bad_admin_settings_give_a_clear_condition_without_the_secret() {
             "epsilon",
             "DatabaseAdminSecretInvalid",
             "key url of Secret garbage: the value is not a postgres:// URL",
+        ),
+        (
+            "zeta",
+            "DatabasePermissionDenied",
+            "database 127.0.0.1:15432: permission denied: permission denied to create role",
         ),
     ] {
         let status = status_when(&b.api, name, reason, |s| {
