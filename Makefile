@@ -4,6 +4,7 @@
 help:
 	@echo "make demo   local control plane + PostgreSQL, the operator, sample clusters"
 	@echo "make test   fmt, clippy, CRD check, unit and integration tests on a real control plane"
+	@echo "make bench  listener failover: the agents against client-go leader election (bench/RESULTS.md)"
 	@echo "make down   stop the local control plane (and the demo operator)"
 	@echo "make crds   regenerate crds/ from the Rust types"
 
@@ -12,6 +13,9 @@ demo:
 
 test:
 	hack/test
+
+bench:
+	hack/bench
 
 down:
 	hack/control-plane/down
