@@ -892,6 +892,10 @@ impl Bench {
                     &address.to_string(),
                     "--listener-enable-path",
                     "/listener/enable",
+                    // Renewals refresh `until` the way the peer's periodic
+                    // enables do, so both sides are recorded alike.
+                    "--listener-renew-path",
+                    "/listener/enable",
                     "--listener-disable-path",
                     "/listener/disable",
                     "--listeners",
