@@ -11,25 +11,24 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
-    StatefulSetUpdateStrategy,
-};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource,
-    KeyToPath, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SeccompProfile,
-    SecretProjection, SecurityContext, Service, ServicePort, ServiceSpec, TCPSocketAction,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
+    ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection,
+    Service, ServicePort, ServiceSpec, TCPSocketAction, TopologySpreadConstraint, Volume,
+    VolumeMount, VolumeProjection,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api::{CacheMode, DeletionPolicy, IntegrationCluster, Mode, SecretKeyRef};
-use crate::naming::{self, annotations, labels};
+use crate::api::{CacheMode, IntegrationCluster, Mode, SecretKeyRef};
+use crate::naming::{self, annotations};
 use crate::render;
-use crate::workload::{cluster_labels, owner_reference};
+use crate::workload::owned_meta;
+use crate::workload::stateful::{
+    claim_retention, claim_template, component_labels, component_selector, restricted_container,
+    restricted_pod,
+};
 
 /// Client port; the servers' cache URLs point at it.
 pub const TSA_PORT: i32 = render::TSA_PORT as i32;
@@ -105,36 +104,6 @@ fn managed(ic: &IntegrationCluster) -> Option<Managed<'_>> {
     })
 }
 
-/// Metadata of an object owned by the cluster, so it is garbage collected
-/// with it, carrying the labels the controller's watches select on.
-fn owned_meta(ic: &IntegrationCluster, name: String) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: ic.metadata.namespace.clone(),
-        labels: Some(pod_labels(ic)),
-        owner_references: owner_reference(ic).map(|o| vec![o]),
-        ..ObjectMeta::default()
-    }
-}
-
-fn pod_labels(ic: &IntegrationCluster) -> BTreeMap<String, String> {
-    let mut labels = cluster_labels(ic);
-    labels.insert(labels::COMPONENT.to_owned(), COMPONENT.to_owned());
-    labels
-}
-
-/// The selector of the cache pods: immutable in a StatefulSet, so only the
-/// labels that never change.
-fn selector(ic: &IntegrationCluster) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            labels::CLUSTER.to_owned(),
-            ic.metadata.name.clone().unwrap_or_default(),
-        ),
-        (labels::COMPONENT.to_owned(), COMPONENT.to_owned()),
-    ])
-}
-
 /// tc-config.xml of a managed cache: one mirror group of `replicas`
 /// servers, each named after its pod and reachable at the host its cache
 /// URL names, so the servers and the TSA agree on the array.
@@ -183,7 +152,7 @@ pub fn config_map(ic: &IntegrationCluster) -> Option<ConfigMap> {
     let m = managed(ic)?;
     let config = tc_config(ic)?;
     Some(ConfigMap {
-        metadata: owned_meta(ic, naming::cache_config_map(m.cluster)),
+        metadata: owned_meta(ic, naming::cache_config_map(m.cluster), COMPONENT),
         data: Some(BTreeMap::from([(CONFIG_FILE.to_owned(), config)])),
         ..ConfigMap::default()
     })
@@ -205,11 +174,11 @@ fn service_port(name: &str, port: i32) -> ServicePort {
 pub fn service(ic: &IntegrationCluster) -> Option<Service> {
     let m = managed(ic)?;
     Some(Service {
-        metadata: owned_meta(ic, naming::cache_service(m.cluster)),
+        metadata: owned_meta(ic, naming::cache_service(m.cluster), COMPONENT),
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".to_owned()),
             publish_not_ready_addresses: Some(true),
-            selector: Some(selector(ic)),
+            selector: Some(component_selector(ic, COMPONENT)),
             ports: Some(vec![
                 service_port("tsa", TSA_PORT),
                 service_port("tsa-group", TSA_GROUP_PORT),
@@ -227,20 +196,6 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
         container_port: port,
         protocol: Some("TCP".to_owned()),
         ..ContainerPort::default()
-    }
-}
-
-/// Volume claims follow `deletionPolicy` through the StatefulSet controller
-/// (Delete removes them with the StatefulSet, which goes with the cluster);
-/// a scale-down keeps them, so a server added back finds its data.
-fn retention_policy(ic: &IntegrationCluster) -> StatefulSetPersistentVolumeClaimRetentionPolicy {
-    let when_deleted = match ic.spec.deletion_policy {
-        DeletionPolicy::Retain => "Retain",
-        DeletionPolicy::Delete => "Delete",
-    };
-    StatefulSetPersistentVolumeClaimRetentionPolicy {
-        when_deleted: Some(when_deleted.to_owned()),
-        when_scaled: Some("Retain".to_owned()),
     }
 }
 
@@ -344,33 +299,11 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
         ..Volume::default()
     };
 
-    // The claim template carries the cluster's labels but no owner
-    // reference: the controller treats claims the cluster owns as server
-    // node claims (and deletes those of departed nodes), and the
-    // StatefulSet controller handles these through the retention policy.
-    let claim = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some("data".to_owned()),
-            labels: Some(pod_labels(ic)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity(m.storage.to_owned()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
-        ..PersistentVolumeClaim::default()
-    };
+    let claim = claim_template(ic, COMPONENT, m.storage);
 
     let template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
-            labels: Some(pod_labels(ic)),
+            labels: Some(component_labels(ic, COMPONENT)),
             annotations: Some(BTreeMap::from([(
                 annotations::CONFIG_DIGEST.to_owned(),
                 render::text_digest(&config),
@@ -382,7 +315,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             volumes: Some(vec![config_volume]),
             // The TSA never talks to the Kubernetes API.
             automount_service_account_token: Some(false),
-            security_context: Some(restricted_pod(USER)),
+            security_context: Some(restricted_pod(Some(USER))),
             // Active and mirror on different nodes where possible, so one
             // node failure does not take the whole array.
             topology_spread_constraints: Some(vec![TopologySpreadConstraint {
@@ -390,7 +323,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
                 topology_key: "kubernetes.io/hostname".to_owned(),
                 when_unsatisfiable: "ScheduleAnyway".to_owned(),
                 label_selector: Some(LabelSelector {
-                    match_labels: Some(selector(ic)),
+                    match_labels: Some(component_selector(ic, COMPONENT)),
                     ..LabelSelector::default()
                 }),
                 ..TopologySpreadConstraint::default()
@@ -400,11 +333,11 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
     };
 
     Some(StatefulSet {
-        metadata: owned_meta(ic, name.clone()),
+        metadata: owned_meta(ic, name.clone(), COMPONENT),
         spec: Some(StatefulSetSpec {
             replicas: i32::try_from(m.replicas).ok(),
             selector: LabelSelector {
-                match_labels: Some(selector(ic)),
+                match_labels: Some(component_selector(ic, COMPONENT)),
                 ..LabelSelector::default()
             },
             service_name: Some(name),
@@ -415,7 +348,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: None,
             }),
-            persistent_volume_claim_retention_policy: Some(retention_policy(ic)),
+            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
             template,
             volume_claim_templates: Some(vec![claim]),
             ..StatefulSetSpec::default()
@@ -424,40 +357,14 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
     })
 }
 
-/// The restricted Pod Security Standard, as for the server pods.
-fn restricted_container() -> SecurityContext {
-    SecurityContext {
-        allow_privilege_escalation: Some(false),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".to_owned()]),
-            add: None,
-        }),
-        ..SecurityContext::default()
-    }
-}
-
-/// The image's own user, so that non-root is verifiable and the volume
-/// writable.
-fn restricted_pod(user: i64) -> PodSecurityContext {
-    PodSecurityContext {
-        run_as_non_root: Some(true),
-        run_as_user: Some(user),
-        fs_group: Some(user),
-        seccomp_profile: Some(SeccompProfile {
-            type_: "RuntimeDefault".to_owned(),
-            localhost_profile: None,
-        }),
-        ..PodSecurityContext::default()
-    }
-}
-
 #[cfg(test)]
 mod golden;
 
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::api::{CacheSpec, ExternalCacheSpec};
+    use crate::api::{CacheSpec, DeletionPolicy, ExternalCacheSpec};
+    use crate::naming::labels;
 
     /// The stateful sample: a managed cache of two servers in `prod`.
     pub(crate) fn sample() -> IntegrationCluster {
@@ -680,11 +587,11 @@ pub(crate) mod tests {
     #[test]
     fn claims_follow_the_deletion_policy() {
         let mut ic = sample();
-        let policy = |ic: &IntegrationCluster| retention_policy(ic).when_deleted;
+        let policy = |ic: &IntegrationCluster| claim_retention(ic).when_deleted;
         assert_eq!(policy(&ic).as_deref(), Some("Retain"));
         ic.spec.deletion_policy = DeletionPolicy::Delete;
         assert_eq!(policy(&ic).as_deref(), Some("Delete"));
-        assert_eq!(retention_policy(&ic).when_scaled.as_deref(), Some("Retain"));
+        assert_eq!(claim_retention(&ic).when_scaled.as_deref(), Some("Retain"));
     }
 
     fn assert_none(ic: &IntegrationCluster) {

@@ -8,23 +8,21 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{
-    StatefulSet, StatefulSetPersistentVolumeClaimRetentionPolicy, StatefulSetSpec,
-    StatefulSetUpdateStrategy,
-};
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, ContainerPort, EnvVar, EnvVarSource, ExecAction,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext, PodSpec, PodTemplateSpec,
-    Probe, SeccompProfile, Secret, SecretKeySelector, SecurityContext, Service, ServicePort,
-    ServiceSpec, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, PodSpec, PodTemplateSpec, Probe,
+    Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, VolumeMount,
 };
-use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
-use crate::naming::{self, labels};
-use crate::workload::{cluster_labels, owner_reference};
+use crate::api::{DatabaseMode, IntegrationCluster};
+use crate::naming::{self};
+use crate::workload::owned_meta;
+use crate::workload::stateful::{
+    claim_retention, claim_template, component_labels, component_selector, restricted_container,
+    restricted_pod,
+};
 
 /// The image when the spec names none.
 pub const DEFAULT_IMAGE: &str = "postgres:17";
@@ -78,43 +76,13 @@ fn managed(ic: &IntegrationCluster) -> Option<Managed<'_>> {
     })
 }
 
-fn pod_labels(ic: &IntegrationCluster) -> BTreeMap<String, String> {
-    let mut labels = cluster_labels(ic);
-    labels.insert(labels::COMPONENT.to_owned(), COMPONENT.to_owned());
-    labels
-}
-
-/// Metadata of an object owned by the cluster, so it is garbage collected
-/// with it, carrying the labels the controller's watches select on.
-fn owned_meta(ic: &IntegrationCluster, name: String) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name),
-        namespace: ic.metadata.namespace.clone(),
-        labels: Some(pod_labels(ic)),
-        owner_references: owner_reference(ic).map(|o| vec![o]),
-        ..ObjectMeta::default()
-    }
-}
-
-/// The selector of the database pod: immutable in a StatefulSet, so only
-/// the labels that never change.
-fn selector(ic: &IntegrationCluster) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            labels::CLUSTER.to_owned(),
-            ic.metadata.name.clone().unwrap_or_default(),
-        ),
-        (labels::COMPONENT.to_owned(), COMPONENT.to_owned()),
-    ])
-}
-
 /// The superuser's credentials. The caller generates `password` once and
 /// keeps this Secret as its only copy: the image sets the password only
 /// when it initialises an empty volume, so a new password would not work.
 pub fn admin_secret(ic: &IntegrationCluster, password: &str) -> Option<Secret> {
     let m = managed(ic)?;
     Some(Secret {
-        metadata: owned_meta(ic, naming::database_admin_secret(m.cluster)),
+        metadata: owned_meta(ic, naming::database_admin_secret(m.cluster), COMPONENT),
         type_: Some("Opaque".to_owned()),
         string_data: Some(BTreeMap::from([
             (USERNAME_KEY.to_owned(), ADMIN_USER.to_owned()),
@@ -128,10 +96,10 @@ pub fn admin_secret(ic: &IntegrationCluster, password: &str) -> Option<Secret> {
 pub fn service(ic: &IntegrationCluster) -> Option<Service> {
     let m = managed(ic)?;
     Some(Service {
-        metadata: owned_meta(ic, naming::database_service(m.cluster)),
+        metadata: owned_meta(ic, naming::database_service(m.cluster), COMPONENT),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
-            selector: Some(selector(ic)),
+            selector: Some(component_selector(ic, COMPONENT)),
             ports: Some(vec![ServicePort {
                 name: Some("postgres".to_owned()),
                 port: PORT,
@@ -154,20 +122,6 @@ pub fn admin_host(ic: &IntegrationCluster) -> Option<String> {
         naming::database_service(m.cluster),
         m.namespace
     ))
-}
-
-/// The volume (the data) follows `deletionPolicy` through the StatefulSet
-/// controller: Delete removes it with the StatefulSet, which goes with the
-/// cluster.
-fn retention_policy(ic: &IntegrationCluster) -> StatefulSetPersistentVolumeClaimRetentionPolicy {
-    let when_deleted = match ic.spec.deletion_policy {
-        DeletionPolicy::Retain => "Retain",
-        DeletionPolicy::Delete => "Delete",
-    };
-    StatefulSetPersistentVolumeClaimRetentionPolicy {
-        when_deleted: Some(when_deleted.to_owned()),
-        when_scaled: Some("Retain".to_owned()),
-    }
 }
 
 /// The database server: one replica, since PostgreSQL has a single primary
@@ -224,46 +178,18 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             mount_path: DATA_DIR.to_owned(),
             ..VolumeMount::default()
         }]),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".to_owned()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(restricted_container()),
         ..Container::default()
     };
 
-    // No owner reference on the claim template: the controller takes
-    // claims the cluster owns for server node claims (and deletes those of
-    // nodes that are gone); this one follows the retention policy instead.
-    let claim = PersistentVolumeClaim {
-        metadata: ObjectMeta {
-            name: Some("data".to_owned()),
-            labels: Some(pod_labels(ic)),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PersistentVolumeClaimSpec {
-            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
-            resources: Some(VolumeResourceRequirements {
-                requests: Some(BTreeMap::from([(
-                    "storage".to_owned(),
-                    Quantity(m.storage.to_owned()),
-                )])),
-                ..VolumeResourceRequirements::default()
-            }),
-            ..PersistentVolumeClaimSpec::default()
-        }),
-        ..PersistentVolumeClaim::default()
-    };
+    let claim = claim_template(ic, COMPONENT, m.storage);
 
     Some(StatefulSet {
-        metadata: owned_meta(ic, name.clone()),
+        metadata: owned_meta(ic, name.clone(), COMPONENT),
         spec: Some(StatefulSetSpec {
             replicas: Some(1),
             selector: LabelSelector {
-                match_labels: Some(selector(ic)),
+                match_labels: Some(component_selector(ic, COMPONENT)),
                 ..LabelSelector::default()
             },
             service_name: Some(name),
@@ -271,26 +197,17 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
                 type_: Some("RollingUpdate".to_owned()),
                 rolling_update: None,
             }),
-            persistent_volume_claim_retention_policy: Some(retention_policy(ic)),
+            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
-                    labels: Some(pod_labels(ic)),
+                    labels: Some(component_labels(ic, COMPONENT)),
                     ..ObjectMeta::default()
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
                     // PostgreSQL never talks to the Kubernetes API.
                     automount_service_account_token: Some(false),
-                    security_context: Some(PodSecurityContext {
-                        run_as_non_root: Some(true),
-                        run_as_user: Some(USER),
-                        fs_group: Some(USER),
-                        seccomp_profile: Some(SeccompProfile {
-                            type_: "RuntimeDefault".to_owned(),
-                            localhost_profile: None,
-                        }),
-                        ..PodSecurityContext::default()
-                    }),
+                    security_context: Some(restricted_pod(Some(USER))),
                     ..PodSpec::default()
                 }),
             },
@@ -304,7 +221,8 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::api::{ExternalDatabaseSpec, ManagedDatabaseSpec, SecretKeyRef};
+    use crate::api::{DeletionPolicy, ExternalDatabaseSpec, ManagedDatabaseSpec, SecretKeyRef};
+    use crate::naming::labels;
 
     /// The stateful sample with its database switched to managed.
     fn sample(managed: Option<ManagedDatabaseSpec>) -> IntegrationCluster {
@@ -433,15 +351,9 @@ mod tests {
     #[test]
     fn claims_follow_the_deletion_policy() {
         let mut ic = sample(None);
-        assert_eq!(
-            retention_policy(&ic).when_deleted.as_deref(),
-            Some("Retain")
-        );
+        assert_eq!(claim_retention(&ic).when_deleted.as_deref(), Some("Retain"));
         ic.spec.deletion_policy = DeletionPolicy::Delete;
-        assert_eq!(
-            retention_policy(&ic).when_deleted.as_deref(),
-            Some("Delete")
-        );
+        assert_eq!(claim_retention(&ic).when_deleted.as_deref(), Some("Delete"));
     }
 
     #[test]

@@ -5,6 +5,7 @@
 mod agent_access;
 mod pod;
 mod services;
+pub mod stateful;
 
 pub use agent_access::{agent_account, agent_binding, agent_role, listener_lease, listener_leases};
 pub use pod::{containers_ready, digests_of, is_online, is_ready, pod};
@@ -36,24 +37,16 @@ pub fn cluster_labels(ic: &IntegrationCluster) -> BTreeMap<String, String> {
 
 /// The selector of a cluster's server pods.
 pub fn server_selector(ic: &IntegrationCluster) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (
-            labels::CLUSTER.to_owned(),
-            ic.metadata.name.clone().unwrap_or_default(),
-        ),
-        (labels::COMPONENT.to_owned(), "server".to_owned()),
-    ])
+    stateful::component_selector(ic, "server")
 }
 
 /// Metadata of an object owned by the cluster, so it is garbage collected
 /// with it.
-fn owned_meta(ic: &IntegrationCluster, name: String, component: &str) -> ObjectMeta {
-    let mut labels = cluster_labels(ic);
-    labels.insert(labels::COMPONENT.to_owned(), component.to_owned());
+pub fn owned_meta(ic: &IntegrationCluster, name: String, component: &str) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: ic.metadata.namespace.clone(),
-        labels: Some(labels),
+        labels: Some(stateful::component_labels(ic, component)),
         owner_references: owner_reference(ic).map(|o| vec![o]),
         ..ObjectMeta::default()
     }

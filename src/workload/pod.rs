@@ -3,18 +3,17 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort,
-    EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource,
-    ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate,
-    PodSecurityContext, PodSpec, Probe, ProjectedVolumeSource, SeccompProfile, SecretKeySelector,
-    SecretProjection, SecurityContext, TCPSocketAction, TopologySpreadConstraint, Volume,
-    VolumeMount, VolumeProjection,
+    ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
+    PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate, PodSpec, Probe,
+    ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecurityContext, TCPSocketAction,
+    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{owned_meta, server_selector};
+use super::{owned_meta, server_selector, stateful};
 use crate::agent::init;
 use crate::api::{HealthScheme, IntegrationCluster, Profile};
 use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
@@ -396,13 +395,8 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         }
     }
     let restricted = SecurityContext {
-        allow_privilege_escalation: Some(false),
         read_only_root_filesystem: Some(true),
-        capabilities: Some(Capabilities {
-            drop: Some(vec!["ALL".into()]),
-            add: None,
-        }),
-        ..SecurityContext::default()
+        ..stateful::restricted_container()
     };
     let pod_env = vec![
         field_env("POD_NAME", "metadata.name"),
@@ -508,14 +502,7 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         }),
         readiness_probe: Some(probe(&facts.readiness, 15, 3)),
         liveness_probe: Some(probe(&facts.liveness, 15, 4)),
-        security_context: Some(SecurityContext {
-            allow_privilege_escalation: Some(false),
-            capabilities: Some(Capabilities {
-                drop: Some(vec!["ALL".into()]),
-                add: None,
-            }),
-            ..SecurityContext::default()
-        }),
+        security_context: Some(stateful::restricted_container()),
         ..Container::default()
     };
 
@@ -531,16 +518,7 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
             containers: vec![container, sidecar],
             service_account_name: Some(naming::agent_account(&cluster)),
             volumes: Some(volumes),
-            security_context: Some(PodSecurityContext {
-                run_as_non_root: Some(true),
-                run_as_user: facts.user,
-                fs_group: facts.user,
-                seccomp_profile: Some(SeccompProfile {
-                    type_: "RuntimeDefault".into(),
-                    localhost_profile: None,
-                }),
-                ..PodSecurityContext::default()
-            }),
+            security_context: Some(stateful::restricted_pod(facts.user)),
             topology_spread_constraints: Some(vec![TopologySpreadConstraint {
                 max_skew: 1,
                 topology_key: "kubernetes.io/hostname".into(),
