@@ -1,7 +1,8 @@
 //! The controller's side of the cluster database: where it is (admin
 //! Secret or managed server), the role's credentials Secret, when to
-//! provision again, and the connection pool the guaranteed-delivery queries
-//! use. Provisioning runs when its inputs change, every resync otherwise,
+//! provision again, the connection pool, and the guaranteed-delivery
+//! bookkeeping around a reconcile (work of leaving nodes, lock breaking).
+//! Provisioning runs when its inputs change, every resync otherwise,
 //! and after a failure only once its backoff passed, so a database outage
 //! costs one connection attempt per backoff step, not one per reconcile.
 
@@ -9,14 +10,16 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tracing::{info, warn};
 
-use super::{Error, FIELD_MANAGER, RESYNC, backoff};
+use super::{Context, Error, FIELD_MANAGER, RESYNC, apply, backoff, plan};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
 use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned, managed};
 use crate::naming;
@@ -489,4 +492,93 @@ pub async fn cleanup(
         "deletionPolicy Retain: kept database {role} and role {role} on {host}, and the Secrets {} (no longer owned by the cluster)",
         kept.join(", ")
     )))
+}
+
+/// Unfinished guaranteed-delivery work of the nodes being removed: None
+/// without a database, Err when it could not be read.
+pub async fn unfinished_work(
+    ic: &IntegrationCluster,
+    db: Option<&View>,
+    pods: &[Pod],
+) -> Option<Result<std::collections::BTreeMap<String, u64>, ()>> {
+    let db = db?;
+    let removing: Vec<String> = ic
+        .spec
+        .nodes
+        .iter()
+        .flat_map(|n| n.remove.iter())
+        .filter(|node| pods.iter().any(|p| p.name_any() == **node))
+        .cloned()
+        .collect();
+    if removing.is_empty() {
+        return Some(Ok(Default::default()));
+    }
+    let Some(pool) = &db.pool else {
+        return Some(Err(()));
+    };
+    Some(
+        database::gd::unfinished_by_node(pool, &removing)
+            .await
+            .map_err(|e| {
+                warn!(cluster = %ic.name_any(), error = %DbError::from_sqlx(db.status.host.as_deref().unwrap_or_default(), &e), "reading guaranteed-delivery work failed");
+            }),
+    )
+}
+
+/// Database bookkeeping after the actions: break the locks of nodes that
+/// are gone (at once for forced ones) and record the members. Returns when
+/// the next lock may be broken.
+pub async fn after_apply(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    pool: &sqlx::PgPool,
+    pods: &[Pod],
+    plan: &plan::Plan,
+) -> Option<Duration> {
+    let live: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
+    let forced: Vec<String> = ic
+        .annotations()
+        .get(plan::FORCE_ANNOTATION)
+        .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect())
+        .unwrap_or_default();
+    let lock_break = ic
+        .spec
+        .database
+        .as_ref()
+        .map_or(120, |d| i64::from(d.lock_break_seconds));
+    let mut next = None;
+    match database::gd::break_locks(pool, &live, &forced, lock_break).await {
+        Ok(broken) => {
+            for (node, count) in &broken.released {
+                let why = if forced.contains(node) {
+                    "removed with the force annotation".to_owned()
+                } else {
+                    format!("gone for more than lockBreakSeconds ({lock_break}s)")
+                };
+                let note = format!(
+                    "released {count} guaranteed-delivery transactions of {node} ({why}); the other nodes take them over"
+                );
+                apply::publish(ctx, ic, EventType::Warning, "LocksBroken", note).await;
+            }
+            next = broken.next_in_seconds.map(Duration::from_secs);
+        }
+        Err(e) => {
+            warn!(cluster = %ic.name_any(), error = %e, "breaking guaranteed-delivery locks failed")
+        }
+    }
+    let members: Vec<(String, String, String)> = plan
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.name.clone(),
+                n.logical_hostname.clone().unwrap_or_default(),
+                format!("{:?}", n.state),
+            )
+        })
+        .collect();
+    if let Err(e) = database::gd::record_members(pool, &members).await {
+        warn!(cluster = %ic.name_any(), error = %e, "recording members failed");
+    }
+    next
 }

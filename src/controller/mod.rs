@@ -1,9 +1,12 @@
 //! The IntegrationCluster controller.
 //!
-//! Each reconcile is a pipeline: observe → validate → (plan → apply, from the
-//! workloads issue on) → update status. Steps that need no client are pure
-//! functions in their own modules; this file wires them to the API server.
-//! A reconcile that finds nothing new makes no API writes.
+//! Each reconcile is a pipeline: observe → validate → shared services
+//! (`database.rs` provisions the cluster database when due, `cache.rs` looks
+//! at the cache, `listeners.rs` at the listener Leases) → render → plan →
+//! status → apply → database bookkeeping. Steps that need no client are
+//! pure functions in their own modules (`plan.rs`, `status.rs`,
+//! `crate::workflows`); this file wires them to the API server. A reconcile
+//! that finds nothing new makes no API writes.
 
 mod apply;
 mod cache;
@@ -299,7 +302,7 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
     }
 }
 
-/// observe → validate → render → plan → apply → status.
+/// observe → validate → shared services → render → plan → status → apply.
 async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error> {
     let name = ic.name_any();
     let namespace = ic.namespace().unwrap_or_default();
@@ -351,7 +354,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }
     let (pods, claims) = apply::observe(ctx, ic).await?;
-    let gd = guaranteed_delivery_work(ic, db.as_ref(), &pods).await;
+    let gd = database::unfinished_work(ic, db.as_ref(), &pods).await;
     let cache = cache::observe(&ctx.client, ic, !pods.is_empty()).await?;
     let leases = apply::observe_leases(ctx, ic).await?;
     let listener_holders = listeners::holders(&leases, Timestamp::now());
@@ -428,7 +431,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     apply::execute(ctx, ic, &plan.actions).await?;
     info!(%namespace, %name, actions = plan.actions.len(), "reconciled");
     let lock_break_in = match db.as_ref().and_then(|v| v.pool.as_ref()) {
-        Some(pool) => after_apply(ctx, ic, pool, &pods, &plan).await,
+        Some(pool) => database::after_apply(ctx, ic, pool, &pods, &plan).await,
         None => None,
     };
 
@@ -445,95 +448,6 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         next = next.min(due.max(Duration::from_secs(1)));
     }
     Ok(Action::requeue(next))
-}
-
-/// Unfinished guaranteed-delivery work of the nodes being removed: None
-/// without a database, Err when it could not be read.
-async fn guaranteed_delivery_work(
-    ic: &IntegrationCluster,
-    db: Option<&database::View>,
-    pods: &[k8s_openapi::api::core::v1::Pod],
-) -> Option<Result<std::collections::BTreeMap<String, u64>, ()>> {
-    let db = db?;
-    let removing: Vec<String> = ic
-        .spec
-        .nodes
-        .iter()
-        .flat_map(|n| n.remove.iter())
-        .filter(|node| pods.iter().any(|p| p.name_any() == **node))
-        .cloned()
-        .collect();
-    if removing.is_empty() {
-        return Some(Ok(Default::default()));
-    }
-    let Some(pool) = &db.pool else {
-        return Some(Err(()));
-    };
-    Some(
-        crate::database::gd::unfinished_by_node(pool, &removing)
-            .await
-            .map_err(|e| {
-                warn!(cluster = %ic.name_any(), error = %crate::database::DbError::from_sqlx(db.status.host.as_deref().unwrap_or_default(), &e), "reading guaranteed-delivery work failed");
-            }),
-    )
-}
-
-/// Database bookkeeping after the actions: break the locks of nodes that
-/// are gone (at once for forced ones) and record the members. Returns when
-/// the next lock may be broken.
-async fn after_apply(
-    ctx: &Context,
-    ic: &IntegrationCluster,
-    pool: &sqlx::PgPool,
-    pods: &[k8s_openapi::api::core::v1::Pod],
-    plan: &plan::Plan,
-) -> Option<Duration> {
-    let live: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
-    let forced: Vec<String> = ic
-        .annotations()
-        .get(plan::FORCE_ANNOTATION)
-        .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect())
-        .unwrap_or_default();
-    let lock_break = ic
-        .spec
-        .database
-        .as_ref()
-        .map_or(120, |d| i64::from(d.lock_break_seconds));
-    let mut next = None;
-    match crate::database::gd::break_locks(pool, &live, &forced, lock_break).await {
-        Ok(broken) => {
-            for (node, count) in &broken.released {
-                let why = if forced.contains(node) {
-                    "removed with the force annotation".to_owned()
-                } else {
-                    format!("gone for more than lockBreakSeconds ({lock_break}s)")
-                };
-                let note = format!(
-                    "released {count} guaranteed-delivery transactions of {node} ({why}); the other nodes take them over"
-                );
-                apply::publish(ctx, ic, EventType::Warning, "LocksBroken", note).await;
-            }
-            next = broken.next_in_seconds.map(Duration::from_secs);
-        }
-        Err(e) => {
-            warn!(cluster = %ic.name_any(), error = %e, "breaking guaranteed-delivery locks failed")
-        }
-    }
-    let members: Vec<(String, String, String)> = plan
-        .nodes
-        .iter()
-        .map(|n| {
-            (
-                n.name.clone(),
-                n.logical_hostname.clone().unwrap_or_default(),
-                format!("{:?}", n.state),
-            )
-        })
-        .collect();
-    if let Err(e) = crate::database::gd::record_members(pool, &members).await {
-        warn!(cluster = %ic.name_any(), error = %e, "recording members failed");
-    }
-    next
 }
 
 fn drift_summary(plan: &plan::Plan) -> String {
