@@ -434,7 +434,8 @@ async fn scaling_three_to_five_to_two() {
         .collect();
     assert_eq!(names, ["c-0", "c-1", "c-2", "c-3", "c-4"]);
 
-    patch_spec(&s.api, "c", json!({"replicas": 2})).await;
+    // Down through the scale subresource, as `kubectl scale` (and an HPA) do.
+    kubectl(&["scale", "ic", "c", "-n", &s.ns, "--replicas=2"]);
     let two = ready(&s.api, "c").await;
     assert_eq!(two.online_replicas, Some(2));
     assert_eq!(two.nodes.len(), 2);
@@ -443,6 +444,20 @@ async fn scaling_three_to_five_to_two() {
         .into_keys()
         .collect();
     assert_eq!(names, ["c-0", "c-1"]);
+    let scale = kubectl(&[
+        "get",
+        "ic",
+        "c",
+        "-n",
+        &s.ns,
+        "--subresource=scale",
+        "-o",
+        "jsonpath={.spec.replicas} {.status.replicas} {.status.selector}",
+    ]);
+    assert_eq!(
+        scale.trim(),
+        "2 2 app.kubernetes.io/component=server,integration.dev/cluster=c"
+    );
     // deletionPolicy defaults to Retain: the removed nodes' volumes stay.
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(s.client.clone(), &s.ns);
     for node in ["c-2", "c-3", "c-4"] {

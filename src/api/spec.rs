@@ -28,6 +28,13 @@ use super::status::IntegrationClusterStatus;
     doc = "An IntegrationCluster runs a cluster of identical integration servers with the cache and database they share.",
     namespaced,
     status = "IntegrationClusterStatus",
+    // `kubectl scale ic` and autoscalers change spec.replicas; the label
+    // selector lets an HPA find the server pods.
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.readyReplicas",
+        label_selector_path = ".status.selector"
+    ),
     printcolumn = r#"{"name":"Profile","type":"string","jsonPath":".spec.profile"}"#,
     printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.mode"}"#,
     printcolumn = r#"{"name":"Replicas","type":"integer","jsonPath":".spec.replicas"}"#,

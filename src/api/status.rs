@@ -33,6 +33,9 @@ pub struct IntegrationClusterStatus {
     /// Nodes that are online (receiving client traffic).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub online_replicas: Option<i32>,
+    /// Label selector of the server pods (for the scale subresource).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
     /// Per-node state.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]

@@ -78,6 +78,13 @@ pub fn desired(
         status.packages_digest = Some(progress.rendered.packages_digest.clone());
         status.ready_replicas = Some(progress.plan.ready);
         status.online_replicas = Some(progress.plan.online);
+        status.selector = Some(
+            crate::workload::server_selector(ic)
+                .iter()
+                .map(|(k, v)| format!("{k}={v}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        );
         status.nodes = node_statuses(&current, progress.plan, now);
         status.database = progress.database.clone();
         status.cache = progress.cache.clone();
