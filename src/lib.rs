@@ -16,6 +16,7 @@ pub mod api;
 pub mod cache;
 pub mod controller;
 pub mod database;
+pub mod lease;
 pub mod listeners;
 pub mod naming;
 pub mod plugin;

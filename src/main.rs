@@ -29,6 +29,8 @@ enum Command {
         /// Log format.
         #[arg(long, value_enum, default_value_t, env = "LOG_FORMAT")]
         log_format: telemetry::LogFormat,
+        #[command(flatten)]
+        leader: LeaderArgs,
     },
     /// The in-pod agent (runs in every server pod).
     #[command(subcommand)]
@@ -123,6 +125,31 @@ enum AgentCommand {
     },
 }
 
+/// Leader election among operator replicas.
+#[derive(clap::Args)]
+struct LeaderArgs {
+    /// Reconcile only while holding a Lease, so that several replicas can
+    /// run with one active (needed when the Deployment has more than one).
+    #[arg(long, env = "LEADER_ELECT")]
+    leader_elect: bool,
+    /// Namespace of the leader Lease (the operator's own).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "integration-operator")]
+    leader_election_namespace: String,
+    /// Name of the leader Lease.
+    #[arg(long, default_value = "integration-operator")]
+    leader_election_id: String,
+    /// This replica's identity (the pod name in a cluster).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
+    /// Lease duration, renew deadline and retry period in seconds.
+    #[arg(long, default_value_t = 15)]
+    leader_election_lease_seconds: i32,
+    #[arg(long, default_value_t = 10)]
+    leader_election_renew_deadline_seconds: i32,
+    #[arg(long, default_value_t = 2)]
+    leader_election_retry_seconds: i32,
+}
+
 /// The cluster's listeners and how the agent drives them.
 #[derive(clap::Args)]
 struct ListenerArgs {
@@ -211,7 +238,8 @@ async fn main() -> ExitCode {
         Command::Run {
             namespace,
             log_format,
-        } => run(namespace, log_format).await,
+            leader,
+        } => run(namespace, log_format, leader).await,
         Command::Crd => print_crd(),
         Command::Agent(AgentCommand::Init {
             packages,
@@ -373,7 +401,11 @@ async fn agent_watch(
     Ok(())
 }
 
-async fn run(namespace: Option<String>, log_format: telemetry::LogFormat) -> anyhow::Result<()> {
+async fn run(
+    namespace: Option<String>,
+    log_format: telemetry::LogFormat,
+    leader: LeaderArgs,
+) -> anyhow::Result<()> {
     telemetry::init(log_format);
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG to a kubeconfig file, or run the operator inside a cluster",
@@ -384,6 +416,69 @@ async fn run(namespace: Option<String>, log_format: telemetry::LogFormat) -> any
         None => controller::Scope::AllNamespaces,
     };
     controller::preflight(&client, &scope).await?;
-    controller::run(client, scope).await;
+
+    // A signal or a lost leadership stops the controller gracefully.
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let stop = std::sync::Arc::new(stop);
+    let on_signal = stop.clone();
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = on_signal.send(true);
+    });
+
+    let election = leader.leader_elect.then(|| {
+        let identity = leader.leader_election_identity.clone().unwrap_or_else(|| {
+            format!(
+                "{}-{}",
+                std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".to_owned()),
+                std::process::id()
+            )
+        });
+        std::sync::Arc::new(controller::leader::LeaderElection::new(
+            client.clone(),
+            &leader.leader_election_namespace,
+            &leader.leader_election_id,
+            &identity,
+            listeners::election::Timings::from_seconds(
+                leader.leader_election_lease_seconds,
+                leader.leader_election_renew_deadline_seconds,
+                leader.leader_election_retry_seconds,
+            ),
+        ))
+    });
+    let mut term = None;
+    if let Some(election) = &election {
+        let mut until_stop = stopped.clone();
+        let Some(since) = election.acquire(&mut until_stop).await else {
+            return Ok(());
+        };
+        let (election, stopped, stop) = (election.clone(), stopped.clone(), stop.clone());
+        term = Some(tokio::spawn(async move {
+            let end = election.keep(since, stopped).await;
+            if end == controller::leader::TermEnd::Lost {
+                let _ = stop.send(true);
+            }
+            end
+        }));
+    }
+
+    let mut until_stop = stopped.clone();
+    controller::run(client, scope, async move {
+        let _ = until_stop.wait_for(|s| *s).await;
+    })
+    .await;
+
+    if let (Some(election), Some(term)) = (election, term) {
+        let _ = stop.send(true);
+        if term.await.ok() == Some(controller::leader::TermEnd::Lost) {
+            anyhow::bail!("lost the leader lease; exiting so that a restart contends again");
+        }
+        election.release().await;
+    }
     Ok(())
 }

@@ -12,6 +12,7 @@ mod apply;
 mod cache;
 mod conditions;
 mod database;
+pub mod leader;
 mod listeners;
 mod plan;
 mod status;
@@ -183,8 +184,13 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
     }
 }
 
-/// Runs the controller until a shutdown signal.
-pub async fn run(client: Client, scope: Scope) {
+/// Runs the controller until `stop` completes (a signal, or a lost
+/// leadership), letting running reconciles finish.
+pub async fn run(
+    client: Client,
+    scope: Scope,
+    stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let api = api_for(client.clone(), &scope);
     let owned = watcher::Config::default()
         .labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR))
@@ -222,7 +228,7 @@ pub async fn run(client: Client, scope: Scope) {
     });
     info!(?scope, "controller started");
     controller
-        .shutdown_on_signal()
+        .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
             if let Err(e) = result {

@@ -20,9 +20,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
-use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, PostParams};
+use kube::api::Api;
 use tokio::sync::watch;
 use tracing::{info, warn};
 
@@ -104,16 +102,6 @@ impl Listeners {
 /// The Lease name of a single-node listener.
 pub fn lease_name(cluster: &str, listener: &str) -> String {
     format!("{cluster}-listener-{listener}")
-}
-
-fn record_of(lease: &Lease) -> Record {
-    let spec = lease.spec.clone().unwrap_or_default();
-    Record {
-        holder: spec.holder_identity,
-        transitions: spec.lease_transitions.unwrap_or(0),
-        duration_seconds: spec.lease_duration_seconds.unwrap_or(15),
-        renew_time: spec.renew_time.map(|t| t.0.to_string()),
-    }
 }
 
 struct Held {
@@ -210,7 +198,7 @@ async fn single(
 
         match tokio::time::timeout(timings.retry, listeners.leases.get_opt(&name)).await {
             Ok(Ok(Some(lease))) => {
-                let record = record_of(&lease);
+                let record = crate::lease::record_of(&lease);
                 let observed_at = match &seen {
                     Some((r, at)) if *r == record => *at,
                     _ => Instant::now(),
@@ -219,7 +207,7 @@ async fn single(
                 if !wanted {
                     if held.is_some() || record.holder.as_deref() == Some(me) {
                         step_down(listeners, spec, &mut held).await;
-                        release(listeners, lease, &timings).await;
+                        crate::lease::release(&listeners.leases, lease, &timings).await;
                     }
                 } else {
                     match election::next(me, &record, observed_at, Instant::now()) {
@@ -240,7 +228,9 @@ async fn single(
                             };
                             let started = Instant::now();
                             let wall = SystemTime::now();
-                            let written = write(listeners, lease, me, epoch, &timings).await;
+                            let written =
+                                crate::lease::write(&listeners.leases, lease, me, epoch, &timings)
+                                    .await;
                             if written
                                 && !election::must_step_down(started, Instant::now(), &timings)
                             {
@@ -311,67 +301,6 @@ async fn step_down(listeners: &Listeners, spec: &ListenerSpec, held: &mut Option
             .await;
     }
     listeners.set_holding(&spec.name, false);
-}
-
-/// Renews or acquires with the resourceVersion read; false when another
-/// writer came first or the API did not answer in time.
-async fn write(
-    listeners: &Listeners,
-    mut lease: Lease,
-    me: &str,
-    epoch: i32,
-    timings: &Timings,
-) -> bool {
-    let now = MicroTime(Timestamp::now());
-    let spec = lease.spec.get_or_insert_with(Default::default);
-    if spec.holder_identity.as_deref() != Some(me) {
-        spec.acquire_time = Some(now.clone());
-    }
-    spec.holder_identity = Some(me.to_owned());
-    spec.lease_transitions = Some(epoch);
-    spec.lease_duration_seconds = Some(i32::try_from(timings.lease.as_secs()).unwrap_or(15));
-    spec.renew_time = Some(now);
-    let name = lease.metadata.name.clone().unwrap_or_default();
-    match tokio::time::timeout(
-        timings.retry,
-        listeners
-            .leases
-            .replace(&name, &PostParams::default(), &lease),
-    )
-    .await
-    {
-        Ok(Ok(_)) => true,
-        Ok(Err(kube::Error::Api(e))) if e.code == 409 => false,
-        Ok(Err(e)) => {
-            warn!(lease = %name, error = %e, "writing the lease failed");
-            false
-        }
-        Err(_) => {
-            warn!(lease = %name, "writing the lease timed out");
-            false
-        }
-    }
-}
-
-/// Gives the Lease up at once (no holder), so the next contender takes it
-/// on its next retry instead of waiting for expiry.
-async fn release(listeners: &Listeners, mut lease: Lease, timings: &Timings) {
-    let spec = lease.spec.get_or_insert_with(Default::default);
-    spec.holder_identity = None;
-    spec.renew_time = Some(MicroTime(Timestamp::now()));
-    let name = lease.metadata.name.clone().unwrap_or_default();
-    match tokio::time::timeout(
-        timings.retry,
-        listeners
-            .leases
-            .replace(&name, &PostParams::default(), &lease),
-    )
-    .await
-    {
-        Ok(Ok(_)) => info!(lease = %name, "released"),
-        Ok(Err(e)) => warn!(lease = %name, error = %e, "releasing the lease failed"),
-        Err(_) => warn!(lease = %name, "releasing the lease timed out"),
-    }
 }
 
 /// How long the agent waits for its listeners to release on shutdown.

@@ -291,6 +291,18 @@ impl Operator {
         )
     }
 
+    /// The controller with extra arguments (leader election, say); `name`
+    /// tells its log apart.
+    pub fn start_with(namespace: &str, name: &str, extra: &[&str]) -> Self {
+        let mut args = vec!["run", "--namespace", namespace];
+        args.extend_from_slice(extra);
+        Self::spawn(
+            &format!("operator-{namespace}-{name}"),
+            &args,
+            &operator_kubeconfig(),
+        )
+    }
+
     /// An agent impersonating `pod` (as kwok pods run no containers), with
     /// its server's hooks on `server` (host:port).
     pub fn agent(namespace: &str, pod: &str, server: &str) -> Self {
