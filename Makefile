@@ -6,7 +6,7 @@ help:
 	@echo "make test   fmt, clippy, CRD check, unit and integration tests on a real control plane"
 	@echo "make bench  listener failover: the agents against client-go leader election (bench/RESULTS.md)"
 	@echo "make down   stop the local control plane (and the demo operator)"
-	@echo "make crds   regenerate crds/ from the Rust types"
+	@echo "make crds   regenerate crds/ (and the chart's copy) from the Rust types"
 
 demo:
 	hack/demo
@@ -22,6 +22,7 @@ down:
 
 crds:
 	cargo run --locked --quiet -- crd > crds/integrationcluster.yaml
+	cp crds/integrationcluster.yaml charts/integration-operator/crds/integrationcluster.yaml
 
 build:
 	cargo build --locked --release

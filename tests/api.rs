@@ -14,15 +14,17 @@ use support::*;
 #[test]
 fn committed_crd_matches_the_rust_types() {
     let generated = api::crd_yaml().expect("CRD serialises");
-    let committed = std::fs::read_to_string(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/crds/integrationcluster.yaml"
-    ))
-    .expect("read crds/integrationcluster.yaml");
-    assert!(
-        generated == committed,
-        "crds/integrationcluster.yaml is out of date: run `make crds` (cargo run -- crd > crds/integrationcluster.yaml)"
-    );
+    for file in [
+        "crds/integrationcluster.yaml",
+        "charts/integration-operator/crds/integrationcluster.yaml",
+    ] {
+        let committed = std::fs::read_to_string(format!("{}/{file}", env!("CARGO_MANIFEST_DIR")))
+            .unwrap_or_else(|e| panic!("read {file}: {e}"));
+        assert!(
+            generated == committed,
+            "{file} is out of date: run `make crds`"
+        );
+    }
 }
 
 #[tokio::test]
