@@ -9,7 +9,7 @@
 //! - [`database`]: the cluster database (provisioning, migrations, guaranteed delivery).
 //! - [`render`], [`workload`]: configuration and the objects built from it.
 //! - [`plugin`]: the pure parts of `kubectl integration`.
-//! - [`telemetry`]: logging setup.
+//! - [`telemetry`]: logging setup; [`metrics`]: Prometheus metrics and health endpoints.
 
 pub mod agent;
 pub mod api;
@@ -18,6 +18,7 @@ pub mod controller;
 pub mod database;
 pub mod lease;
 pub mod listeners;
+pub mod metrics;
 pub mod naming;
 pub mod plugin;
 pub mod render;

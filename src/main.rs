@@ -4,7 +4,9 @@ use std::process::ExitCode;
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use integration_operator::{agent, api, controller, database, listeners, render, telemetry};
+use integration_operator::{
+    agent, api, controller, database, listeners, metrics, render, telemetry,
+};
 
 /// Kubernetes operator for clustered integration servers.
 #[derive(Parser)]
@@ -31,6 +33,9 @@ enum Command {
         log_format: telemetry::LogFormat,
         #[command(flatten)]
         leader: LeaderArgs,
+        /// Serve /metrics, /healthz and /readyz on this address.
+        #[arg(long, env = "METRICS_ADDRESS")]
+        metrics_address: Option<std::net::SocketAddr>,
     },
     /// The in-pod agent (runs in every server pod).
     #[command(subcommand)]
@@ -239,7 +244,8 @@ async fn main() -> ExitCode {
             namespace,
             log_format,
             leader,
-        } => run(namespace, log_format, leader).await,
+            metrics_address,
+        } => run(namespace, log_format, leader, metrics_address).await,
         Command::Crd => print_crd(),
         Command::Agent(AgentCommand::Init {
             packages,
@@ -405,8 +411,21 @@ async fn run(
     namespace: Option<String>,
     log_format: telemetry::LogFormat,
     leader: LeaderArgs,
+    metrics_address: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<()> {
     telemetry::init(log_format);
+    let metrics = std::sync::Arc::new(metrics::Metrics::default());
+    if let Some(address) = metrics_address {
+        let listener = tokio::net::TcpListener::bind(address)
+            .await
+            .with_context(|| format!("binding the metrics address {address}"))?;
+        let served = metrics.clone();
+        tokio::spawn(async move {
+            if let Err(e) = metrics::serve(listener, served).await {
+                tracing::warn!(%address, error = %e, "the metrics endpoint stopped");
+            }
+        });
+    }
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG to a kubeconfig file, or run the operator inside a cluster",
     )?;
@@ -416,6 +435,10 @@ async fn run(
         None => controller::Scope::AllNamespaces,
     };
     controller::preflight(&client, &scope).await?;
+    // A standby is ready too: it is doing what it should.
+    metrics
+        .ready
+        .store(true, std::sync::atomic::Ordering::Relaxed);
 
     // A signal or a lost leadership stops the controller gracefully.
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -457,6 +480,7 @@ async fn run(
         let Some(since) = election.acquire(&mut until_stop).await else {
             return Ok(());
         };
+        metrics.set_leader(true);
         let (election, stopped, stop) = (election.clone(), stopped.clone(), stop.clone());
         term = Some(tokio::spawn(async move {
             let end = election.keep(since, stopped).await;
@@ -467,8 +491,11 @@ async fn run(
         }));
     }
 
+    if election.is_none() {
+        metrics.set_leader(true);
+    }
     let mut until_stop = stopped.clone();
-    controller::run(client, scope, async move {
+    controller::run(client, scope, metrics.clone(), async move {
         let _ = until_stop.wait_for(|s| *s).await;
     })
     .await;

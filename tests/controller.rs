@@ -177,3 +177,68 @@ async fn a_cluster_name_clash_on_a_shared_cache_refuses_the_newer_cluster() {
     );
     delete_namespace(&client, &ns).await;
 }
+
+/// GET on the operator's metrics address; None until it answers.
+async fn get(port: u16, path: &str) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .ok()?;
+    let request = format!("GET {path} HTTP/1.1\r\nhost: localhost\r\nconnection: close\r\n\r\n");
+    stream.write_all(request.as_bytes()).await.ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.ok()?;
+    let status = response.split_whitespace().nth(1)?.parse().ok()?;
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+#[tokio::test]
+async fn the_operator_serves_metrics_and_health() {
+    let client = admin().await;
+    let ns = namespace(&client, "metrics").await;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let address = format!("127.0.0.1:{port}");
+    let _operator = Operator::start_with(&ns, "metrics", &["--metrics-address", &address]);
+    let (status, _) = wait_until(WAIT, "healthz", || get(port, "/healthz")).await;
+    assert_eq!(status, 200);
+    let (ready, _) = wait_until(WAIT, "readyz 200", || async {
+        get(port, "/readyz").await.filter(|(s, _)| *s == 200)
+    })
+    .await;
+    assert_eq!(ready, 200);
+
+    let yaml = "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata: {name: m}\n\
+                spec: {profile: generic, mode: stateless, image: srv:1, replicas: 1}\n";
+    create_yaml(&client, &ns, yaml).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "m", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let (_, body) = wait_until(WAIT, "counted reconciles", || async {
+        get(port, "/metrics")
+            .await
+            .filter(|(_, b)| b.contains("integration_operator_reconciles_total{result=\"ok\"}"))
+    })
+    .await;
+    assert!(
+        body.contains("integration_operator_reconcile_duration_seconds_bucket"),
+        "{body}"
+    );
+    assert!(body.contains("integration_operator_leader 1"), "{body}");
+
+    // A taken port stops the operator at once with one line.
+    let taken = std::process::Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+        .args(["run", "--namespace", &ns, "--metrics-address", &address])
+        .env("KUBECONFIG", operator_kubeconfig())
+        .output()
+        .expect("run");
+    assert!(!taken.status.success());
+    let stderr = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        stderr.contains(&format!("binding the metrics address {address}")),
+        "{stderr}"
+    );
+    delete_namespace(&client, &ns).await;
+}

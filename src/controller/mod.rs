@@ -115,6 +115,7 @@ pub struct Context {
     pub failures: Mutex<HashMap<String, u32>>,
     /// Cluster databases: provisioning results and connection pools.
     pub databases: database::Databases,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {
@@ -189,6 +190,7 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
 pub async fn run(
     client: Client,
     scope: Scope,
+    metrics: Arc<crate::metrics::Metrics>,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api = api_for(client.clone(), &scope);
@@ -225,6 +227,7 @@ pub async fn run(
         store: controller.store(),
         failures: Mutex::default(),
         databases: database::Databases::default(),
+        metrics,
     });
     info!(?scope, "controller started");
     controller
@@ -256,6 +259,7 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
         .namespace()
         .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
     let api: Api<IntegrationCluster> = Api::namespaced(ctx.client.clone(), &namespace);
+    let started = std::time::Instant::now();
     let result = finalizer(&api, FINALIZER, ic.clone(), |event| async {
         match event {
             FinalizerEvent::Apply(ic) => reconcile_cluster(&ic, &ctx).await,
@@ -265,6 +269,10 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
     .await
     .map_err(|e| Error::Finalizer(Box::new(e)));
     record_outcome(&ctx, &ic, result.is_ok());
+    ctx.metrics.reconciled(
+        started.elapsed().as_secs_f64(),
+        result.as_ref().err().map(Error::category),
+    );
     if let Err(e) = &result {
         report_error(&ctx, &ic, e).await;
     }
