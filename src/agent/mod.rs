@@ -343,7 +343,7 @@ mod tests {
                 .expect("parses");
         ic.metadata.namespace = Some("prod".into());
         let cluster = crate::validation::validate(&ic, &[]).expect("valid");
-        let rendered = crate::render::render(&ic, &cluster, None);
+        let rendered = crate::render::render(&ic, &cluster, &Default::default());
         // What the kubelet mounts: one file per key, plus its own entries.
         let dir = std::env::temp_dir().join(format!("agent-config-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);

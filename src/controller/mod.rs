@@ -15,6 +15,7 @@ mod database;
 pub mod leader;
 mod listeners;
 mod plan;
+mod sources;
 mod status;
 
 use std::collections::HashMap;
@@ -363,7 +364,12 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
 
     // render and plan
     let endpoint = db.as_ref().and_then(|v| v.endpoint.as_ref());
-    let rendered = render::render(ic, cluster, endpoint);
+    let config_sources = sources::digest(&ctx.client, ic).await?;
+    let inputs = render::Inputs {
+        database: endpoint,
+        config_sources: config_sources.as_deref(),
+    };
+    let rendered = render::render(ic, cluster, &inputs);
     if !ic.spec.paused {
         apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }

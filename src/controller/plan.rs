@@ -544,7 +544,7 @@ mod tests {
     /// The pods `ic` wants, created at second 0, in the given state.
     fn pods(ic: &IntegrationCluster, containers_ready: bool, online: bool) -> Vec<Pod> {
         let v = validation::validate(ic, &[]).expect("valid");
-        let rendered = render::render(ic, &v, None);
+        let rendered = render::render(ic, &v, &Default::default());
         v.members
             .iter()
             .map(|m| {
@@ -589,7 +589,7 @@ mod tests {
         now: i64,
     ) -> Plan {
         let v = validation::validate(ic, &[]).expect("valid");
-        let rendered = render::render(ic, &v, None);
+        let rendered = render::render(ic, &v, &Default::default());
         plan(
             ic,
             &v,

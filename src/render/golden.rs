@@ -34,7 +34,14 @@ fn check(sample_file: &str, golden: &str) {
                 ic.metadata.name.as_deref().unwrap_or_default(),
             ),
         });
-    let rendered = render(&ic, &cluster, database.as_ref());
+    let rendered = render(
+        &ic,
+        &cluster,
+        &super::Inputs {
+            database: database.as_ref(),
+            config_sources: None,
+        },
+    );
     let mut text = format!(
         "# configDigest {}\n# packagesDigest {}\n",
         rendered.config_digest, rendered.packages_digest
@@ -61,9 +68,17 @@ fn check(sample_file: &str, golden: &str) {
 #[test]
 fn scaling_changes_no_running_node_digest() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let before = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     ic.spec.replicas = 5;
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let after = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     assert_eq!(before.config_digest, after.config_digest);
     for (node, digest) in &before.node_digests {
         assert_eq!(after.node_digests.get(node), Some(digest), "{node}");
@@ -74,9 +89,17 @@ fn scaling_changes_no_running_node_digest() {
 #[test]
 fn a_nodes_files_digest_ignores_other_nodes_files() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let before = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     ic.spec.replicas = 5;
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let after = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     assert_eq!(
         before.files_digest("orders-0"),
         after.files_digest("orders-0")
@@ -90,12 +113,20 @@ fn a_nodes_files_digest_ignores_other_nodes_files() {
 #[test]
 fn a_property_change_changes_every_node_digest() {
     let mut ic = sample("webmethods-is-stateful.yaml");
-    let before = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let before = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     ic.spec
         .server
         .properties
         .insert("watt.server.threadPool".into(), "80".into());
-    let after = render(&ic, &validation::validate(&ic, &[]).expect("valid"), None);
+    let after = render(
+        &ic,
+        &validation::validate(&ic, &[]).expect("valid"),
+        &Default::default(),
+    );
     assert_ne!(before.config_digest, after.config_digest);
     for (node, digest) in &before.node_digests {
         assert_ne!(after.node_digests.get(node), Some(digest), "{node}");

@@ -79,14 +79,22 @@ pub fn node_file(node: &str) -> String {
 }
 
 /// Renders the configuration of `ic` for its profile.
-/// Renders the cluster's files. `database` is where the cluster database
-/// is, once known; credentials stay in their Secret and reach the servers
-/// as the environment variables [`DB_USERNAME_ENV`] and [`DB_PASSWORD_ENV`].
-pub fn render(
-    ic: &IntegrationCluster,
-    cluster: &ValidatedCluster,
-    database: Option<&Endpoint>,
-) -> Rendered {
+/// What rendering needs besides the spec, read from the cluster by the
+/// controller.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Inputs<'a> {
+    /// Where the cluster database is, once known; credentials stay in
+    /// their Secret and reach the servers as the environment variables
+    /// [`DB_USERNAME_ENV`] and [`DB_PASSWORD_ENV`].
+    pub database: Option<&'a Endpoint>,
+    /// Digest of the contents of the `configFrom` ConfigMaps and Secrets,
+    /// so that changing one (a rotated Secret) rolls the servers.
+    pub config_sources: Option<&'a str>,
+}
+
+/// Renders the cluster's files and digests.
+pub fn render(ic: &IntegrationCluster, cluster: &ValidatedCluster, inputs: &Inputs) -> Rendered {
+    let database = inputs.database;
     let mut data = match ic.spec.profile {
         Profile::WebmethodsIs => webmethods_is::render(ic, cluster, database),
         Profile::Wso2Carbon => wso2_carbon::render(ic, cluster, database),
@@ -110,7 +118,7 @@ pub fn render(
         .filter(|(k, _)| !node_files.values().any(|f| f == *k))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let config_digest = config_digest(ic, &shared);
+    let config_digest = config_digest(ic, &shared, inputs.config_sources);
     let node_digests = node_files
         .iter()
         .map(|(node, file)| {
@@ -138,6 +146,9 @@ struct PodInputs<'a> {
     ports: &'a crate::api::PortsSpec,
     env: &'a BTreeMap<String, String>,
     config_from: &'a [crate::api::ConfigSource],
+    /// Absent without configFrom, so clusters without it keep their digest.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    config_sources: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     health: &'a Option<crate::api::HealthSpec>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -153,10 +164,15 @@ struct PodInputs<'a> {
     admin_secret: &'a Option<crate::api::LocalObjectRef>,
 }
 
-fn config_digest(ic: &IntegrationCluster, data: &BTreeMap<String, String>) -> String {
+fn config_digest(
+    ic: &IntegrationCluster,
+    data: &BTreeMap<String, String>,
+    config_sources: Option<&str>,
+) -> String {
     let spec = &ic.spec;
     digest(&PodInputs {
         data,
+        config_sources,
         image: &spec.image,
         image_pull_policy: &spec.image_pull_policy,
         ports: &spec.server.ports,

@@ -652,7 +652,7 @@ mod tests {
     fn first_pod(file: &str) -> Pod {
         let ic = sample(file);
         let cluster = validation::validate(&ic, &[]).expect("valid");
-        let rendered = render::render(&ic, &cluster, None);
+        let rendered = render::render(&ic, &cluster, &Default::default());
         pod(&ic, &rendered, &cluster.members[0])
     }
 
@@ -780,7 +780,7 @@ mod tests {
         let cluster = validation::validate(&ic, &[]).expect("valid");
         let pod = pod(
             &ic,
-            &render::render(&ic, &cluster, None),
+            &render::render(&ic, &cluster, &Default::default()),
             &cluster.members[0],
         );
         let spec = pod.spec.expect("spec");
