@@ -1,11 +1,14 @@
 # Multi-stage build of the operator image.
 #   docker build -t integration-operator:0.1.0 .
-# Not built by `make test`: the project's development machines have no
-# container engine. Keep it in step with Cargo.toml's rust-version.
+# Not built by `make test` (the development machines have no container
+# engine), but `hack/check-docker-context` compiles exactly what the COPY
+# lines bring in. Keep it in step with Cargo.toml's rust-version.
 FROM rust:1.95-slim-bookworm AS build
 WORKDIR /src
-COPY Cargo.toml Cargo.lock ./
+COPY Cargo.toml Cargo.lock build.rs ./
 COPY src ./src
+# Embedded by sqlx::migrate! at compile time.
+COPY migrations ./migrations
 RUN cargo build --release --locked --bin integration-operator \
     && strip target/release/integration-operator
 
