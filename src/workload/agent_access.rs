@@ -24,32 +24,37 @@ pub fn agent_account(ic: &IntegrationCluster) -> ServiceAccount {
 
 pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
     let pods: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
+    let by_name = |group: &str, resource: &str, names: Vec<String>, verbs: [&str; 2]| {
+        // RBAC reads an empty resourceNames as "every object": a rule
+        // with no names to grant is left out instead.
+        (!names.is_empty()).then(|| PolicyRule {
+            api_groups: Some(vec![group.to_owned()]),
+            resources: Some(vec![resource.to_owned()]),
+            resource_names: Some(names),
+            verbs: verbs.map(str::to_owned).to_vec(),
+            ..PolicyRule::default()
+        })
+    };
+    let rules = [
+        by_name("", "pods", pods, ["get", "patch"]),
+        // Single-node listener Leases, by name: the operator creates them,
+        // the agents only read and replace them.
+        by_name(
+            "coordination.k8s.io",
+            "leases",
+            listener_leases(ic),
+            ["get", "update"],
+        ),
+        Some(PolicyRule {
+            api_groups: Some(vec!["events.k8s.io".into()]),
+            resources: Some(vec!["events".into()]),
+            verbs: vec!["create".into(), "patch".into()],
+            ..PolicyRule::default()
+        }),
+    ];
     Role {
         metadata: owned_meta(ic, name(ic), "agent"),
-        rules: Some(vec![
-            PolicyRule {
-                api_groups: Some(vec![String::new()]),
-                resources: Some(vec!["pods".into()]),
-                resource_names: Some(pods),
-                verbs: vec!["get".into(), "patch".into()],
-                ..PolicyRule::default()
-            },
-            // Single-node listener Leases, by name: the operator creates
-            // them, the agents only read and replace them.
-            PolicyRule {
-                api_groups: Some(vec!["coordination.k8s.io".into()]),
-                resources: Some(vec!["leases".into()]),
-                resource_names: Some(listener_leases(ic)),
-                verbs: vec!["get".into(), "update".into()],
-                ..PolicyRule::default()
-            },
-            PolicyRule {
-                api_groups: Some(vec!["events.k8s.io".into()]),
-                resources: Some(vec!["events".into()]),
-                verbs: vec!["create".into(), "patch".into()],
-                ..PolicyRule::default()
-            },
-        ]),
+        rules: Some(rules.into_iter().flatten().collect()),
     }
 }
 
@@ -87,5 +92,44 @@ pub fn agent_binding(ic: &IntegrationCluster) -> RoleBinding {
             namespace: ic.metadata.namespace.clone(),
             api_group: None,
         }]),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn role(yaml: &str) -> Role {
+        let spec = serde_saphyr::from_str(yaml).expect("spec");
+        let mut ic = IntegrationCluster::new("c", spec);
+        ic.metadata.namespace = Some("ns".into());
+        let cluster = crate::validation::validate(&ic, &[]).expect("valid");
+        agent_role(&ic, &cluster)
+    }
+
+    #[test]
+    fn agents_get_only_named_objects_never_a_whole_resource() {
+        let with = role(
+            "profile: generic\nmode: stateless\nimage: s\nreplicas: 2\nlisteners: [{name: in, mode: singleNode}]\n",
+        );
+        let rules = with.rules.expect("rules");
+        assert_eq!(rules.len(), 3);
+        assert_eq!(
+            rules[0].resource_names.as_deref(),
+            Some(&["c-0".to_owned(), "c-1".to_owned()][..])
+        );
+        assert_eq!(
+            rules[1].resource_names.as_deref(),
+            Some(&["c-listener-in".to_owned()][..])
+        );
+        // No listeners and no nodes: no pod or lease rule at all (an empty
+        // resourceNames would grant every object).
+        let none = role("profile: generic\nmode: stateless\nimage: s\nreplicas: 0\n");
+        let rules = none.rules.expect("rules");
+        assert_eq!(rules.len(), 1);
+        assert_eq!(
+            rules[0].resources.as_deref(),
+            Some(&["events".to_owned()][..])
+        );
     }
 }
