@@ -23,7 +23,7 @@ use super::{Context, Error, FIELD_MANAGER, RESYNC, apply, backoff, plan};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
 use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned, managed};
 use crate::naming;
-use crate::workload::owner_reference;
+use crate::workload::owned_meta;
 
 /// Provisioning results and connection pools, per cluster.
 #[derive(Default)]
@@ -117,20 +117,20 @@ async fn admin(
         DatabaseMode::Managed => {
             let secret_name = naming::database_admin_secret(&name);
             let secret = ensure_secret(secrets, ic, &secret_name, |password| {
-                BTreeMap::from([
-                    (
-                        managed::USERNAME_KEY.to_owned(),
-                        managed::ADMIN_USER.to_owned(),
-                    ),
-                    (managed::PASSWORD_KEY.to_owned(), password),
-                ])
+                managed::admin_secret(ic, &password)
             })
             .await?;
+            let (Some(secret), Some(host)) = (secret, managed::admin_host(ic)) else {
+                return Ok(Err(DbError::new(
+                    ErrorClass::Other,
+                    "",
+                    format!("Secret {secret_name} could not be created or read"),
+                )));
+            };
             let login = Login {
                 username: managed::ADMIN_USER.to_owned(),
                 password: secret_text(&secret, managed::PASSWORD_KEY).unwrap_or_default(),
             };
-            let host = managed::admin_host(ic).unwrap_or_default();
             let port = u16::try_from(managed::PORT).unwrap_or(5432);
             Ok(Ok((
                 Admin::new(&host, port, &login),
@@ -147,32 +147,22 @@ async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>
     })
 }
 
-/// Returns the Secret, creating it owned by the cluster with a generated
-/// password when it does not exist. An existing Secret is never rewritten,
-/// so the password stays what the database knows.
+/// Returns the Secret `name`, creating it from `build` (given a generated
+/// password) when it does not exist. An existing Secret is never rewritten,
+/// so the password stays what the database knows. None when `build` has
+/// nothing to create.
 async fn ensure_secret(
     secrets: &Api<Secret>,
     ic: &IntegrationCluster,
     name: &str,
-    contents: impl Fn(String) -> BTreeMap<String, String>,
-) -> Result<Secret, Error> {
+    build: impl FnOnce(String) -> Option<Secret>,
+) -> Result<Option<Secret>, Error> {
     if let Some(secret) = read_secret(secrets, name).await? {
-        return Ok(secret);
+        return Ok(Some(secret));
     }
     let password = database::generate_password().map_err(|e| Error::Random(e.to_string()))?;
-    let mut labels = crate::workload::cluster_labels(ic);
-    labels.insert(naming::labels::COMPONENT.to_owned(), "database".to_owned());
-    let secret = Secret {
-        metadata: kube::api::ObjectMeta {
-            name: Some(name.to_owned()),
-            namespace: ic.namespace(),
-            labels: Some(labels),
-            owner_references: owner_reference(ic).map(|o| vec![o]),
-            ..Default::default()
-        },
-        string_data: Some(contents(password)),
-        type_: Some("Opaque".to_owned()),
-        ..Default::default()
+    let Some(secret) = build(password) else {
+        return Ok(None);
     };
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
@@ -181,12 +171,10 @@ async fn ensure_secret(
     match secrets.create(&params, &secret).await {
         Ok(created) => {
             info!(cluster = %ic.name_any(), secret = name, "created database Secret");
-            Ok(created)
+            Ok(Some(created))
         }
         // Another reconcile was first; its password wins.
-        Err(kube::Error::Api(e)) if e.code == 409 => read_secret(secrets, name)
-            .await?
-            .ok_or_else(|| Error::Random(format!("Secret {name} vanished after a conflict"))),
+        Err(kube::Error::Api(e)) if e.code == 409 => read_secret(secrets, name).await,
         Err(source) => Err(Error::Write {
             what: format!("Secret {name}"),
             source,
@@ -208,12 +196,22 @@ async fn ensure_credentials(
         ("port".to_owned(), endpoint.port.to_string()),
         ("database".to_owned(), endpoint.database.clone()),
     ]);
-    let mut secret = ensure_secret(secrets, ic, &name, |password| {
+    let secret = ensure_secret(secrets, ic, &name, |password| {
         let mut data = connection.clone();
         data.insert("password".to_owned(), password);
-        data
+        Some(Secret {
+            metadata: owned_meta(ic, name.clone(), "database"),
+            string_data: Some(data),
+            type_: Some("Opaque".to_owned()),
+            ..Default::default()
+        })
     })
     .await?;
+    let Some(mut secret) = secret else {
+        return Err(Error::Conflict(format!(
+            "Secret {name} was deleted while it was being created; retrying"
+        )));
+    };
     let stale = connection
         .iter()
         .any(|(k, v)| secret_text(&secret, k).as_deref() != Some(v.as_str()));

@@ -88,6 +88,8 @@ pub enum Error {
     Database(#[source] crate::database::DbError),
     #[error("generating a password: {0}")]
     Random(String),
+    #[error("{0}")]
+    Conflict(String),
 }
 
 impl Error {
@@ -102,6 +104,7 @@ impl Error {
             Error::Finalizer(_) => "finalizer",
             Error::Database(_) => "database",
             Error::Random(_) => "random",
+            Error::Conflict(_) => "conflict",
         }
     }
 }
