@@ -13,10 +13,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapProjection, Container, ContainerPort, EnvVar, EnvVarSource, KeyToPath,
+    ConfigMap, ConfigMapProjection, Container, EnvVar, EnvVarSource, KeyToPath,
     ObjectFieldSelector, PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretProjection,
-    Service, ServicePort, ServiceSpec, TCPSocketAction, TopologySpreadConstraint, Volume,
-    VolumeMount, VolumeProjection,
+    Service, ServiceSpec, TCPSocketAction, TopologySpreadConstraint, Volume, VolumeMount,
+    VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -26,8 +26,8 @@ use crate::naming::{self, annotations};
 use crate::render;
 use crate::workload::owned_meta;
 use crate::workload::stateful::{
-    claim_retention, claim_template, component_labels, component_selector, restricted_container,
-    restricted_pod,
+    claim_retention, claim_template, component_labels, component_selector, container_port,
+    restricted_container, restricted_pod, service_port,
 };
 
 /// Client port; the servers' cache URLs point at it.
@@ -158,16 +158,6 @@ pub fn config_map(ic: &IntegrationCluster) -> Option<ConfigMap> {
     })
 }
 
-fn service_port(name: &str, port: i32) -> ServicePort {
-    ServicePort {
-        name: Some(name.to_owned()),
-        port,
-        target_port: Some(IntOrString::String(name.to_owned())),
-        protocol: Some("TCP".to_owned()),
-        ..ServicePort::default()
-    }
-}
-
 /// The headless Service that gives every cache server its stable DNS name.
 /// Not-ready addresses are published because the servers of a mirror group
 /// must find each other before any of them is ready.
@@ -188,15 +178,6 @@ pub fn service(ic: &IntegrationCluster) -> Option<Service> {
         }),
         ..Service::default()
     })
-}
-
-fn container_port(name: &str, port: i32) -> ContainerPort {
-    ContainerPort {
-        name: Some(name.to_owned()),
-        container_port: port,
-        protocol: Some("TCP".to_owned()),
-        ..ContainerPort::default()
-    }
 }
 
 /// The cache servers. The pod template carries the digest of tc-config.xml,

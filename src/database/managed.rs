@@ -10,18 +10,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EnvVar, EnvVarSource, ExecAction, PodSpec, PodTemplateSpec, Probe,
-    Secret, SecretKeySelector, Service, ServicePort, ServiceSpec, VolumeMount,
+    Container, EnvVar, EnvVarSource, ExecAction, PodSpec, PodTemplateSpec, Probe, Secret,
+    SecretKeySelector, Service, ServiceSpec, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
-use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api::{DatabaseMode, IntegrationCluster};
 use crate::naming::{self};
 use crate::workload::owned_meta;
 use crate::workload::stateful::{
-    claim_retention, claim_template, component_labels, component_selector, restricted_container,
-    restricted_pod,
+    claim_retention, claim_template, component_labels, component_selector, container_port,
+    restricted_container, restricted_pod, service_port,
 };
 
 /// The image when the spec names none.
@@ -100,13 +99,7 @@ pub fn service(ic: &IntegrationCluster) -> Option<Service> {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".to_owned()),
             selector: Some(component_selector(ic, COMPONENT)),
-            ports: Some(vec![ServicePort {
-                name: Some("postgres".to_owned()),
-                port: PORT,
-                target_port: Some(IntOrString::String("postgres".to_owned())),
-                protocol: Some("TCP".to_owned()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![service_port("postgres", PORT)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -152,12 +145,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
                 value_from: None,
             },
         ]),
-        ports: Some(vec![ContainerPort {
-            name: Some("postgres".to_owned()),
-            container_port: PORT,
-            protocol: Some("TCP".to_owned()),
-            ..ContainerPort::default()
-        }]),
+        ports: Some(vec![container_port("postgres", PORT)]),
         // Over TCP: during initialisation the image runs a temporary server
         // on the Unix socket only, which must not count as ready.
         readiness_probe: Some(Probe {

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapProjection, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvVar, EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
+    ConfigMapProjection, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
+    EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
     PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate, PodSpec, Probe,
     ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecurityContext, TCPSocketAction,
     TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
@@ -13,7 +13,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::{owned_meta, server_selector, stateful};
+use super::stateful::{self, container_port};
+use super::{owned_meta, server_selector};
 use crate::agent::init;
 use crate::api::{HealthScheme, IntegrationCluster, Profile};
 use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
@@ -165,15 +166,6 @@ fn mount(name: &str, path: &str) -> VolumeMount {
         mount_path: path.into(),
         read_only: Some(name != "data"),
         ..VolumeMount::default()
-    }
-}
-
-fn container_port(name: &str, port: i32) -> ContainerPort {
-    ContainerPort {
-        name: Some(name.into()),
-        container_port: port,
-        protocol: Some("TCP".into()),
-        ..ContainerPort::default()
     }
 }
 

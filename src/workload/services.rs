@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, Service, ServicePort, ServiceSpec,
+    ConfigMap, PersistentVolumeClaim, PersistentVolumeClaimSpec, Service, ServiceSpec,
     VolumeResourceRequirements,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
@@ -11,6 +11,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
+use super::stateful::service_port;
 use super::{owned_meta, server_selector};
 use crate::api::{IntegrationCluster, StorageSpec};
 use crate::naming::{self, labels};
@@ -20,16 +21,6 @@ fn name(ic: &IntegrationCluster) -> &str {
     ic.metadata.name.as_deref().unwrap_or_default()
 }
 
-fn port(name: &str, port: i32) -> ServicePort {
-    ServicePort {
-        name: Some(name.to_owned()),
-        port,
-        target_port: Some(IntOrString::String(name.to_owned())),
-        protocol: Some("TCP".to_owned()),
-        ..ServicePort::default()
-    }
-}
-
 /// Client traffic: endpoints are ready only for pods that are Ready, and a
 /// server pod is Ready only while its online gate is True.
 pub fn client_service(ic: &IntegrationCluster) -> Service {
@@ -37,7 +28,7 @@ pub fn client_service(ic: &IntegrationCluster) -> Service {
         metadata: owned_meta(ic, naming::client_service(name(ic)), "client"),
         spec: Some(ServiceSpec {
             selector: Some(server_selector(ic)),
-            ports: Some(vec![port("primary", ic.spec.server.ports.primary)]),
+            ports: Some(vec![service_port("primary", ic.spec.server.ports.primary)]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -55,8 +46,8 @@ pub fn admin_service(ic: &IntegrationCluster) -> Service {
             publish_not_ready_addresses: Some(true),
             selector: Some(server_selector(ic)),
             ports: Some(vec![
-                port("primary", ports.primary),
-                port("diagnostic", ports.diagnostic),
+                service_port("primary", ports.primary),
+                service_port("diagnostic", ports.diagnostic),
             ]),
             ..ServiceSpec::default()
         }),

@@ -1,17 +1,18 @@
 //! What the objects of the managed cache and database share with each
 //! other and with the server pods: labels and selectors by component, the
-//! restricted security contexts, and the volume claim template with its
-//! retention.
+//! restricted security contexts, named TCP ports, and the volume claim
+//! template with its retention.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSetPersistentVolumeClaimRetentionPolicy;
 use k8s_openapi::api::core::v1::{
-    Capabilities, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodSecurityContext,
-    SeccompProfile, SecurityContext, VolumeResourceRequirements,
+    Capabilities, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PodSecurityContext, SeccompProfile, SecurityContext, ServicePort, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::cluster_labels;
 use crate::api::{DeletionPolicy, IntegrationCluster};
@@ -104,5 +105,26 @@ pub fn claim_retention(ic: &IntegrationCluster) -> StatefulSetPersistentVolumeCl
     StatefulSetPersistentVolumeClaimRetentionPolicy {
         when_deleted: Some(when_deleted.to_owned()),
         when_scaled: Some("Retain".to_owned()),
+    }
+}
+
+/// A named TCP port of a container.
+pub fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.to_owned()),
+        container_port: port,
+        protocol: Some("TCP".to_owned()),
+        ..ContainerPort::default()
+    }
+}
+
+/// A Service port that targets the container port of the same name.
+pub fn service_port(name: &str, port: i32) -> ServicePort {
+    ServicePort {
+        name: Some(name.to_owned()),
+        port,
+        target_port: Some(IntOrString::String(name.to_owned())),
+        protocol: Some("TCP".to_owned()),
+        ..ServicePort::default()
     }
 }
