@@ -385,23 +385,34 @@ pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Ve
         Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
     let mut released = Vec::new();
     for claim in claims {
-        let name = claim.name_any();
-        let keep: Vec<_> = claim
-            .owner_references()
-            .iter()
-            .filter(|o| Some(&o.uid) != ic.metadata.uid.as_ref())
-            .cloned()
-            .collect();
-        let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
-        api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|source| Error::Write {
-                what: format!("release claim {name}"),
-                source,
-            })?;
-        released.push(name);
+        release(&api, ic, &claim).await?;
+        released.push(claim.name_any());
     }
     Ok(released)
+}
+
+/// Removes the cluster's owner reference from `object`, so the garbage
+/// collector keeps it when the cluster goes (deletionPolicy Retain).
+pub async fn release<K>(api: &Api<K>, ic: &IntegrationCluster, object: &K) -> Result<(), Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = object.name_any();
+    let keep: Vec<_> = object
+        .owner_references()
+        .iter()
+        .filter(|o| Some(&o.uid) != ic.metadata.uid.as_ref())
+        .cloned()
+        .collect();
+    let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
+    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+        .map_err(|source| Error::Write {
+            what: format!("release {} {name}", K::kind(&K::DynamicType::default())),
+            source,
+        })?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -12,9 +12,9 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
+use kube::ResourceExt;
 use kube::api::{Api, Patch, PatchParams, PostParams};
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
 use tracing::{info, warn};
@@ -464,20 +464,7 @@ pub async fn cleanup(
         let Some(secret) = read_secret(&secrets, &secret_name).await? else {
             continue;
         };
-        let keep: Vec<_> = secret
-            .owner_references()
-            .iter()
-            .filter(|o| Some(&o.uid) != ic.meta().uid.as_ref())
-            .cloned()
-            .collect();
-        let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
-        secrets
-            .patch(&secret_name, &PatchParams::default(), &Patch::Merge(&patch))
-            .await
-            .map_err(|source| Error::Write {
-                what: format!("release Secret {secret_name}"),
-                source,
-            })?;
+        apply::release(&secrets, ic, &secret).await?;
         kept.push(secret_name);
     }
     let host = ic
