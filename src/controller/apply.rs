@@ -10,7 +10,7 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
-use kube::runtime::events::{Event, EventType};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -336,9 +336,6 @@ pub async fn publish(
     publish_about(ctx, ic, type_, reason, note, None).await;
 }
 
-/// Publishes an Event about the cluster and a related object. Events with
-/// the same reason about different objects stay separate Events instead of
-/// being folded into one series.
 /// A reference to a pod, as an Event's related object.
 pub fn pod_ref(namespace: &str, name: &str) -> ObjectReference {
     ObjectReference {
@@ -350,6 +347,13 @@ pub fn pod_ref(namespace: &str, name: &str) -> ObjectReference {
     }
 }
 
+/// Publishes an Event about the cluster and a related object.
+///
+/// Each Event gets a recorder of its own: kube's `Recorder` folds Events
+/// with the same reason, type and objects into one series that keeps the
+/// *first* note, so a second drift, a second forced node or a later
+/// database error would show the old text. The operator publishes only when
+/// something changed, so there is nothing worth folding.
 pub async fn publish_about(
     ctx: &Context,
     ic: &IntegrationCluster,
@@ -365,7 +369,8 @@ pub async fn publish_about(
         action: "Reconcile".into(),
         secondary: related,
     };
-    if let Err(e) = ctx.recorder.publish(&event, &ic.object_ref(&())).await {
+    let recorder = Recorder::new(ctx.client.clone(), Reporter::from(FIELD_MANAGER));
+    if let Err(e) = recorder.publish(&event, &ic.object_ref(&())).await {
         tracing::warn!(cluster = %ic.name_any(), error = %e, "publishing event failed");
     }
 }

@@ -32,7 +32,7 @@ use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
-use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::events::EventType;
 use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
 use kube::runtime::reflector::Store;
 use kube::runtime::utils::PredicateConfig;
@@ -112,7 +112,6 @@ impl Error {
 /// What every reconcile shares.
 pub struct Context {
     pub client: Client,
-    pub recorder: Recorder,
     /// Every IntegrationCluster the controller watches, for cross-cluster checks.
     pub store: Store<IntegrationCluster>,
     /// Consecutive failed reconciles per cluster, for the retry backoff.
@@ -227,7 +226,6 @@ pub async fn run(
         );
     let ctx = Arc::new(Context {
         client: client.clone(),
-        recorder: Recorder::new(client, Reporter::from(FIELD_MANAGER)),
         store: controller.store(),
         failures: Mutex::default(),
         databases: database::Databases::default(),
@@ -414,8 +412,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     };
     let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());
     write_status(ctx, ic, &current, &desired).await?;
-    // Related to the node, so that hand-overs to different nodes stay
-    // separate Events instead of one series with the first note.
+    // Related to the node that now holds (or let go of) the listener.
     for (note, node) in listeners::handovers(&current.listeners, &desired.listeners) {
         let pod = apply::pod_ref(&namespace, &node);
         apply::publish_about(
