@@ -2,10 +2,9 @@
 //! committed text. `UPDATE_GOLDEN=1 cargo test --lib cache::golden`
 //! rewrites them after a deliberate change; review the diff like code.
 
-use std::path::PathBuf;
-
 use super::tc_config;
 use super::tests::sample;
+use crate::render::golden::assert_golden;
 
 fn check(replicas: i32, golden: &str) {
     let mut ic = sample();
@@ -13,17 +12,7 @@ fn check(replicas: i32, golden: &str) {
         managed.replicas = replicas;
     }
     let text = tc_config(&ic).expect("managed cache");
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/cache/testdata")
-        .join(golden);
-    if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &text).expect("write golden file");
-    }
-    let expected = std::fs::read_to_string(&path).unwrap_or_default();
-    assert!(
-        text == expected,
-        "{golden} differs (UPDATE_GOLDEN=1 rewrites it):\n--- expected\n{expected}\n--- rendered\n{text}"
-    );
+    assert_golden("src/cache/testdata", golden, &text);
 }
 
 #[test]

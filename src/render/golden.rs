@@ -52,11 +52,17 @@ fn check(sample_file: &str, golden: &str) {
     for (name, content) in &rendered.data {
         text += &format!("==> {name} <==\n{content}");
     }
+    assert_golden("src/render/testdata", golden, &text);
+}
+
+/// Asserts that `text` is the committed file `dir/golden`; with
+/// `UPDATE_GOLDEN` set it rewrites the file first.
+pub(crate) fn assert_golden(dir: &str, golden: &str, text: &str) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("src/render/testdata")
+        .join(dir)
         .join(golden);
     if std::env::var_os("UPDATE_GOLDEN").is_some() {
-        std::fs::write(&path, &text).expect("write golden file");
+        std::fs::write(&path, text).expect("write golden file");
     }
     let expected = std::fs::read_to_string(&path).unwrap_or_default();
     assert!(

@@ -273,7 +273,7 @@ pub fn cache_urls(ic: &IntegrationCluster) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod golden;
+pub(crate) mod golden;
 
 #[cfg(test)]
 mod tests {
