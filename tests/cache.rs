@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
-use kube::{Client, ResourceExt};
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
+use kube::Client;
 use serde_json::json;
 use support::*;
 
@@ -24,23 +24,7 @@ fn degraded_reason(status: &IntegrationClusterStatus) -> Option<&str> {
 }
 
 async fn pods(client: &Client, ns: &str, component: &str) -> BTreeMap<String, Pod> {
-    let api: Api<Pod> = Api::namespaced(client.clone(), ns);
-    api.list(&ListParams::default().labels(&format!(
-        "integration.dev/cluster=tsa,app.kubernetes.io/component={component}"
-    )))
-    .await
-    .expect("list pods")
-    .items
-    .into_iter()
-    .filter(|p| p.metadata.deletion_timestamp.is_none())
-    .map(|p| (p.name_any(), p))
-    .collect()
-}
-
-fn uids(pods: &BTreeMap<String, Pod>) -> BTreeMap<String, String> {
-    pods.iter()
-        .map(|(n, p)| (n.clone(), p.metadata.uid.clone().unwrap_or_default()))
-        .collect()
+    live_pods(client, ns, "tsa", component).await
 }
 
 #[tokio::test]

@@ -62,24 +62,7 @@ fn is_true(pod: &Pod, type_: &str) -> bool {
 }
 
 async fn server_pods(client: &Client, ns: &str, cluster: &str) -> BTreeMap<String, Pod> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
-    let params = ListParams::default().labels(&format!(
-        "integration.dev/cluster={cluster},app.kubernetes.io/component=server"
-    ));
-    pods.list(&params)
-        .await
-        .expect("list pods")
-        .items
-        .into_iter()
-        .filter(|p| p.metadata.deletion_timestamp.is_none())
-        .map(|p| (p.name_any(), p))
-        .collect()
-}
-
-fn uids(pods: &BTreeMap<String, Pod>) -> BTreeMap<String, String> {
-    pods.iter()
-        .map(|(n, p)| (n.clone(), p.metadata.uid.clone().unwrap_or_default()))
-        .collect()
+    live_pods(client, ns, cluster, "server").await
 }
 
 async fn events(client: &Client, ns: &str, reason: &str) -> Vec<Event> {

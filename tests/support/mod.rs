@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
-use k8s_openapi::api::core::v1::{Namespace, Secret};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret};
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::api::{Api, DeleteParams, DynamicObject, Patch, PatchParams, PostParams};
 use kube::config::{KubeConfigOptions, Kubeconfig};
@@ -177,6 +177,36 @@ pub async fn database_admin_secret(client: &Client, namespace: &str, name: &str,
         .expect("create admin secret");
 }
 
+/// The pods of one component of a cluster that are not being deleted, by
+/// name.
+pub async fn live_pods(
+    client: &Client,
+    namespace: &str,
+    cluster: &str,
+    component: &str,
+) -> std::collections::BTreeMap<String, Pod> {
+    let api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+    let selector =
+        format!("integration.dev/cluster={cluster},app.kubernetes.io/component={component}");
+    api.list(&kube::api::ListParams::default().labels(&selector))
+        .await
+        .expect("list pods")
+        .items
+        .into_iter()
+        .filter(|p| p.metadata.deletion_timestamp.is_none())
+        .map(|p| (kube::ResourceExt::name_any(&p), p))
+        .collect()
+}
+
+/// Pod name → uid, to tell a replaced pod from the one before.
+pub fn uids(
+    pods: &std::collections::BTreeMap<String, Pod>,
+) -> std::collections::BTreeMap<String, String> {
+    pods.iter()
+        .map(|(n, p)| (n.clone(), p.metadata.uid.clone().unwrap_or_default()))
+        .collect()
+}
+
 /// A unique name: tests share one control plane and run in parallel.
 pub fn unique(prefix: &str) -> String {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -309,17 +339,10 @@ impl Operator {
         Self::agent_with(namespace, pod, server, &[])
     }
 
-    /// An agent with extra arguments (package list, installed directory).
+    /// An agent with extra arguments (package list, installed directory),
+    /// driving the stand-in's quiesce, resume, in-flight and health hooks.
     pub fn agent_with(namespace: &str, pod: &str, server: &str, extra: &[&str]) -> Self {
         let mut args = vec![
-            "agent",
-            "watch",
-            "--pod-name",
-            pod,
-            "--pod-namespace",
-            namespace,
-            "--server",
-            server,
             "--quiesce-path",
             "/quiesce",
             "--resume-path",
@@ -328,15 +351,9 @@ impl Operator {
             "/inflight",
             "--health-path",
             "/health",
-            "--interval-ms",
-            "200",
         ];
         args.extend_from_slice(extra);
-        Self::spawn(
-            &format!("agent-{namespace}-{pod}"),
-            &args,
-            &admin_kubeconfig(),
-        )
+        Self::agent_via(namespace, pod, server, &args, &admin_kubeconfig())
     }
 
     /// An agent talking to the API server through `kubeconfig` (a test's
