@@ -578,6 +578,34 @@ impl System {
         }
     }
 
+    /// Prints a takeover (or its absence), notes an epoch that did not go
+    /// up, and returns the takeover time.
+    fn report(
+        &self,
+        what: &str,
+        trial: u32,
+        holder: usize,
+        t0: Instant,
+        took: Option<&Call>,
+        notes: &mut Vec<String>,
+    ) -> Option<Duration> {
+        let Some(call) = took else {
+            notes.push(format!(
+                "{} trial {trial} {what}: no takeover within {} s",
+                self.label,
+                TAKEOVER_TIMEOUT.as_secs()
+            ));
+            return None;
+        };
+        eprintln!(
+            "[bench]   {} took over after {:.2} s",
+            self.launches[call.candidate].name,
+            (call.at - t0).as_secs_f64()
+        );
+        notes.extend(self.check_epoch(what, trial, holder, t0, call));
+        Some(call.at - t0)
+    }
+
     async fn run_trials(&mut self, trials: u32) -> Result<Samples> {
         let mut samples = Samples::default();
         let began = self
@@ -600,24 +628,8 @@ impl System {
             self.proc(holder)?.sigkill()?;
             let took = self.takeover(holder, t0).await?;
             self.running[holder] = None; // reaped by Drop
-            samples.kill.push(took.as_ref().map(|c| c.at - t0));
-            match &took {
-                Some(call) => {
-                    eprintln!(
-                        "[bench]   {} took over after {:.2} s",
-                        self.launches[call.candidate].name,
-                        (call.at - t0).as_secs_f64()
-                    );
-                    samples
-                        .notes
-                        .extend(self.check_epoch("kill", trial, holder, t0, call));
-                }
-                None => samples.notes.push(format!(
-                    "{} trial {trial} kill: no takeover within {} s",
-                    self.label,
-                    TAKEOVER_TIMEOUT.as_secs()
-                )),
-            }
+            let took = self.report("kill", trial, holder, t0, took.as_ref(), &mut samples.notes);
+            samples.kill.push(took);
             self.restart(holder)?;
             holder = self.stable_holder().await?;
 
@@ -630,24 +642,15 @@ impl System {
             let t0 = Instant::now();
             self.proc(holder)?.sigterm()?;
             let took = self.takeover(holder, t0).await?;
-            samples.graceful.push(took.as_ref().map(|c| c.at - t0));
-            match &took {
-                Some(call) => {
-                    eprintln!(
-                        "[bench]   {} took over after {:.2} s",
-                        self.launches[call.candidate].name,
-                        (call.at - t0).as_secs_f64()
-                    );
-                    samples
-                        .notes
-                        .extend(self.check_epoch("SIGTERM", trial, holder, t0, call));
-                }
-                None => samples.notes.push(format!(
-                    "{} trial {trial} SIGTERM: no takeover within {} s",
-                    self.label,
-                    TAKEOVER_TIMEOUT.as_secs()
-                )),
-            }
+            let took = self.report(
+                "SIGTERM",
+                trial,
+                holder,
+                t0,
+                took.as_ref(),
+                &mut samples.notes,
+            );
+            samples.graceful.push(took);
             let waited = t0.elapsed();
             let rest = EXIT_TIMEOUT.saturating_sub(waited);
             if !self.proc(holder)?.exited_within(rest).await? {

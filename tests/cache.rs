@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use kube::Client;
+use kube::api::{Api, DeleteParams, Patch, PatchParams};
 use serde_json::json;
 use support::*;
 
