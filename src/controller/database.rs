@@ -43,8 +43,8 @@ struct Memo {
 pub struct View {
     /// Where the servers connect, once known.
     pub endpoint: Option<Endpoint>,
-    /// The credentials Secret exists, so pods referencing it can start.
-    pub credentials_ready: bool,
+    /// `credentials_secret` is set once the credentials Secret exists, so
+    /// pods referencing it can start.
     pub status: DatabaseStatus,
     pub problem: Option<DbError>,
     /// What this reconcile's provisioning created or repaired.
@@ -53,10 +53,6 @@ pub struct View {
     pub retry_in: Option<Duration>,
     /// The role's pool, for guaranteed-delivery queries.
     pub pool: Option<PgPool>,
-}
-
-fn key(ic: &IntegrationCluster) -> String {
-    format!("{}/{}", ic.namespace().unwrap_or_default(), ic.name_any())
 }
 
 fn secret_text(secret: &Secret, key: &str) -> Option<String> {
@@ -270,7 +266,6 @@ pub async fn observe(
     };
     let mut view = View {
         endpoint: endpoint.clone(),
-        credentials_ready: false,
         status: DatabaseStatus {
             ready: false,
             schema_version: previous.schema_version,
@@ -289,7 +284,6 @@ pub async fn observe(
         return Ok(Some(view));
     };
     let (credentials, login) = ensure_credentials(&secrets, ic, &endpoint).await?;
-    view.credentials_ready = true;
     view.status.credentials_secret = Some(credentials.name_any());
 
     let (admin, admin_version) = match admin {
@@ -306,7 +300,7 @@ pub async fn observe(
         spec.components,
         endpoint.address()
     );
-    let key = key(ic);
+    let key = Context::key(ic);
     let (outcome, retry_in, fresh) = match recent(databases, &key, &inputs) {
         Some((outcome, retry_in)) => (outcome, retry_in, false),
         None => {
@@ -412,7 +406,7 @@ fn pool(
 
 /// Forgets a deleted cluster's pool and memo.
 pub fn forget(databases: &Databases, ic: &IntegrationCluster) {
-    let key = key(ic);
+    let key = Context::key(ic);
     if let Ok(mut memos) = databases.memos.lock() {
         memos.remove(&key);
     }

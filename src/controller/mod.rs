@@ -380,7 +380,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     let leases = apply::observe_leases(ctx, ic).await?;
     let listener_holders = listeners::holders(&leases, Timestamp::now());
     let start_blocked = match (&db, &cache) {
-        (Some(view), _) if !view.credentials_ready => {
+        (Some(view), _) if view.status.credentials_secret.is_none() => {
             Some("waiting for the database endpoint before starting servers".to_owned())
         }
         (_, Some(view)) => view.blocks_start.clone(),
