@@ -452,11 +452,9 @@ pub fn plan(
     for node in &broken_drifted {
         replace(&mut plan, pods[node.as_str()], node);
     }
-    let holders: BTreeSet<String> = ic
-        .status
-        .iter()
-        .flat_map(|s| s.listeners.iter().filter_map(|l| l.holder.clone()))
-        .collect();
+    // The Leases as observed now, the same fact the offline workflow uses
+    // (status may lag behind a hand-over).
+    let holders: BTreeSet<String> = observed.listener_holders.iter().cloned().collect();
     rollout_order(&mut candidates, &holders);
     let mut budget = spec.rollout.max_unavailable - unavailable;
     if plan.stalled.is_none() {
