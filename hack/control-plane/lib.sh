@@ -25,6 +25,10 @@ KWOK_PORT="${KWOK_PORT:-10247}"
 # connections would sometimes hold the port.
 PG_PORT="${PG_PORT:-15432}"
 
+# The host's address: the API server advertises it (pods reach it there)
+# and the real node's kubelet and cluster DNS use it.
+host_ip() { ip -4 route get 1.1.1.1 | sed -n 's/.* src \([0-9.]*\).*/\1/p'; }
+
 log() { printf '[control-plane] %s\n' "$*" >&2; }
 die() { printf '[control-plane] error: %s\n' "$*" >&2; exit 1; }
 PG_DIR="$STATE_DIR/postgres"
