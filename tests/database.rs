@@ -182,7 +182,7 @@ async fn provisioning_creates_an_isolated_database_and_a_second_run_changes_noth
     let role = format!("ic_{}_alpha", b.ns.replace('-', "_"));
     assert_eq!(db.schema_version, Some(database::latest_migration()));
     assert_eq!(db.database.as_deref(), Some(role.as_str()));
-    assert_eq!(db.host.as_deref(), Some("127.0.0.1:15432"));
+    assert_eq!(db.host, Some(postgres_address()));
     assert_eq!(
         db.credentials_secret.as_deref(),
         Some("alpha-database-credentials")
@@ -308,7 +308,8 @@ async fn bad_admin_settings_give_a_clear_condition_without_the_secret() {
     .execute(&mut conn)
     .await
     .expect("weak role");
-    let weak_url = format!("postgres://{weak}:{wrong_password}@127.0.0.1:15432/postgres");
+    let pg = postgres_address();
+    let weak_url = format!("postgres://{weak}:{wrong_password}@{pg}/postgres");
     database_admin_secret(&b.client, &b.ns, "weak", &weak_url).await;
     for (name, secret) in [
         ("gamma", "wrong"),
@@ -324,22 +325,22 @@ async fn bad_admin_settings_give_a_clear_condition_without_the_secret() {
         (
             "gamma",
             "DatabaseAuthenticationFailed",
-            "database 127.0.0.1:15432: authentication failed",
+            format!("database {pg}: authentication failed"),
         ),
         (
             "delta",
             "DatabaseUnreachable",
-            "database 127.0.0.1:1: server unreachable",
+            "database 127.0.0.1:1: server unreachable".to_owned(),
         ),
         (
             "epsilon",
             "DatabaseAdminSecretInvalid",
-            "key url of Secret garbage: the value is not a postgres:// URL",
+            "key url of Secret garbage: the value is not a postgres:// URL".to_owned(),
         ),
         (
             "zeta",
             "DatabasePermissionDenied",
-            "database 127.0.0.1:15432: permission denied: permission denied to create role",
+            format!("database {pg}: permission denied: permission denied to create role"),
         ),
     ] {
         let status = status_when(&b.api, name, reason, |s| {
@@ -348,12 +349,12 @@ async fn bad_admin_settings_give_a_clear_condition_without_the_secret() {
         .await;
         let degraded = condition(&status, "Degraded").expect("Degraded");
         assert!(
-            degraded.message.contains(needle),
+            degraded.message.contains(&needle),
             "{name}: {}",
             degraded.message
         );
         assert!(!status.database.as_ref().is_some_and(|d| d.ready));
-        event_with(&b.client, &b.ns, reason, needle).await;
+        event_with(&b.client, &b.ns, reason, &needle).await;
     }
     // An admin URL in a Secret gives the host; the servers start on it while
     // provisioning is retried.

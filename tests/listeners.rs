@@ -349,7 +349,7 @@ impl Proxy {
                 }
                 let gate = gate.clone();
                 tokio::spawn(async move {
-                    let Ok(mut outbound) = TcpStream::connect("127.0.0.1:6443").await else {
+                    let Ok(mut outbound) = TcpStream::connect(api_server_address()).await else {
                         return;
                     };
                     let copy = tokio::io::copy_bidirectional(&mut inbound, &mut outbound);
@@ -377,7 +377,7 @@ impl Proxy {
         let path = state_dir().join(format!("kubeconfig-proxy-{}", self.port));
         std::fs::write(
             &path,
-            text.replace("127.0.0.1:6443", &format!("127.0.0.1:{}", self.port)),
+            text.replace(&api_server_address(), &format!("127.0.0.1:{}", self.port)),
         )
         .expect("write kubeconfig");
         path

@@ -163,6 +163,26 @@ pub fn postgres_admin_url() -> String {
         .to_owned()
 }
 
+/// host:port of the test bed PostgreSQL (each plane has its own port).
+pub fn postgres_address() -> String {
+    let url = postgres_admin_url();
+    let after_at = url.rsplit_once('@').map_or(url.as_str(), |(_, h)| h);
+    after_at
+        .split_once('/')
+        .map_or(after_at, |(h, _)| h)
+        .to_owned()
+}
+
+/// host:port of the API server in the admin kubeconfig.
+pub fn api_server_address() -> String {
+    let text = std::fs::read_to_string(admin_kubeconfig()).expect("kubeconfig");
+    text.lines()
+        .find_map(|l| l.trim().strip_prefix("server: https://"))
+        .expect("server in kubeconfig")
+        .trim()
+        .to_owned()
+}
+
 /// A Secret `name` in `namespace` with an admin URL under key `url`, as a
 /// user creates it for `database.mode: external`.
 pub async fn database_admin_secret(client: &Client, namespace: &str, name: &str, url: &str) {
