@@ -36,6 +36,10 @@ enum Command {
         /// Serve /metrics, /healthz and /readyz on this address.
         #[arg(long, env = "METRICS_ADDRESS")]
         metrics_address: Option<std::net::SocketAddr>,
+        /// Image of the agent (init container and sidecar) for clusters
+        /// whose spec names none; the chart passes the operator's own.
+        #[arg(long, env = "AGENT_IMAGE", default_value = integration_operator::workload::AGENT_IMAGE)]
+        agent_image: String,
     },
     /// The in-pod agent (runs in every server pod).
     #[command(subcommand)]
@@ -245,7 +249,8 @@ async fn main() -> ExitCode {
             log_format,
             leader,
             metrics_address,
-        } => run(namespace, log_format, leader, metrics_address).await,
+            agent_image,
+        } => run(namespace, log_format, leader, metrics_address, agent_image).await,
         Command::Crd => print_crd(),
         Command::Agent(AgentCommand::Init {
             packages,
@@ -412,6 +417,7 @@ async fn run(
     log_format: telemetry::LogFormat,
     leader: LeaderArgs,
     metrics_address: Option<std::net::SocketAddr>,
+    agent_image: String,
 ) -> anyhow::Result<()> {
     telemetry::init(log_format);
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
@@ -495,7 +501,7 @@ async fn run(
         metrics.set_leader(true);
     }
     let mut until_stop = stopped.clone();
-    controller::run(client, scope, metrics.clone(), async move {
+    controller::run(client, scope, metrics.clone(), agent_image, async move {
         let _ = until_stop.wait_for(|s| *s).await;
     })
     .await;

@@ -40,6 +40,9 @@ pub enum PodFacts {
         online: bool,
         /// The pod is Ready (gets client traffic).
         ready: bool,
+        /// Clients may still reach it: it is Ready, or stopped being Ready
+        /// so recently that proxies and load balancers may not know yet.
+        serving: bool,
         /// The operator's desired-state annotation asks for offline.
         asked_offline: bool,
         /// What the agent reports, if the pod runs one.
@@ -151,6 +154,7 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 ready,
                 asked_offline,
                 agent,
+                ..
             },
         ) => {
             let waiting = previous.filter(|s| *s == Offline).unwrap_or(Pending);
@@ -192,7 +196,7 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
             Intent::Offline | Intent::Remove,
             PodFacts::Present {
                 online,
-                ready,
+                serving,
                 asked_offline,
                 agent,
                 ..
@@ -222,7 +226,7 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                     "taking the node offline",
                 );
             }
-            if ready {
+            if serving {
                 return decision(Draining, vec![], "waiting for client traffic to stop");
             }
             if !asked_offline && agent.is_some() {
@@ -334,6 +338,7 @@ mod tests {
             containers_ready,
             online,
             ready,
+            serving: ready,
             asked_offline: false,
             agent: None,
         }
@@ -349,6 +354,7 @@ mod tests {
             containers_ready: true,
             online: false,
             ready: false,
+            serving: false,
             asked_offline,
             agent: Some(AgentFacts {
                 quiesced,

@@ -101,6 +101,12 @@ fn the_chart_lints_and_renders_the_manifests_rbac_and_leader_election() {
     let a = args(&docs);
     assert!(a.contains(&"--leader-elect".to_owned()), "{a:?}");
     assert!(!a.iter().any(|x| x.starts_with("--namespace")), "{a:?}");
+    assert!(
+        a.contains(
+            &"--agent-image=ghcr.io/integration-operator/integration-operator:0.1.0".to_owned()
+        ),
+        "the agent runs the operator's own image: {a:?}"
+    );
     assert_eq!(
         of_kind(&docs, "ClusterRoleBinding")["subjects"][0]["namespace"],
         "ops"
@@ -119,6 +125,12 @@ fn the_chart_lints_and_renders_the_manifests_rbac_and_leader_election() {
     let a = args(&one);
     assert!(a.contains(&"--namespace=team-a".to_owned()), "{a:?}");
     assert!(!a.contains(&"--leader-elect".to_owned()), "{a:?}");
+    assert!(
+        a.contains(
+            &"--agent-image=ghcr.io/integration-operator/integration-operator:0.2.0".to_owned()
+        ),
+        "{a:?}"
+    );
     assert_eq!(of_kind(&one, "Deployment")["spec"]["replicas"], 1);
     assert_eq!(
         of_kind(&one, "Deployment")["spec"]["template"]["spec"]["containers"][0]["image"],

@@ -27,7 +27,7 @@ use crate::render;
 use crate::workload::owned_meta;
 use crate::workload::stateful::{
     claim_retention, claim_template, component_labels, component_selector, container_port,
-    restricted_container, restricted_pod, service_port,
+    restricted_container, restricted_pod, schedule, service_port,
 };
 
 /// Client port; the servers' cache URLs point at it.
@@ -282,7 +282,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
 
     let claim = claim_template(ic, COMPONENT, m.storage);
 
-    let template = PodTemplateSpec {
+    let mut template = PodTemplateSpec {
         metadata: Some(ObjectMeta {
             labels: Some(component_labels(ic, COMPONENT)),
             annotations: Some(BTreeMap::from([(
@@ -312,6 +312,9 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             ..PodSpec::default()
         }),
     };
+    if let Some(pod) = template.spec.as_mut() {
+        schedule(ic, pod);
+    }
 
     Some(StatefulSet {
         metadata: owned_meta(ic, name.clone(), COMPONENT),

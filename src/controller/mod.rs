@@ -119,6 +119,8 @@ pub struct Context {
     /// Cluster databases: provisioning results and connection pools.
     pub databases: database::Databases,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// The agent image for pods whose spec names none.
+    pub agent_image: String,
 }
 
 impl Context {
@@ -194,6 +196,7 @@ pub async fn run(
     client: Client,
     scope: Scope,
     metrics: Arc<crate::metrics::Metrics>,
+    agent_image: String,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let api = api_for(client.clone(), &scope);
@@ -230,6 +233,7 @@ pub async fn run(
         failures: Mutex::default(),
         databases: database::Databases::default(),
         metrics,
+        agent_image,
     });
     info!(?scope, "controller started");
     controller
@@ -392,6 +396,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         gd: gd.as_ref().map(|r| r.as_ref().map_err(|_| ())),
         start_blocked: start_blocked.as_deref(),
         listener_holders: &listener_holders,
+        agent_image: &ctx.agent_image,
         now: Timestamp::now(),
     };
     let plan = plan::plan(ic, cluster, &rendered, &observed);

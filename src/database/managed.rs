@@ -20,7 +20,7 @@ use crate::naming::{self};
 use crate::workload::owned_meta;
 use crate::workload::stateful::{
     claim_retention, claim_template, component_labels, component_selector, container_port,
-    restricted_container, restricted_pod, service_port,
+    restricted_container, restricted_pod, schedule, service_port,
 };
 
 /// The image when the spec names none.
@@ -171,6 +171,14 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
     };
 
     let claim = claim_template(ic, COMPONENT, m.storage);
+    let mut pod = PodSpec {
+        containers: vec![container],
+        // PostgreSQL never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        security_context: Some(restricted_pod(Some(USER))),
+        ..PodSpec::default()
+    };
+    schedule(ic, &mut pod);
 
     Some(StatefulSet {
         metadata: owned_meta(ic, name.clone(), COMPONENT),
@@ -191,13 +199,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
                     labels: Some(component_labels(ic, COMPONENT)),
                     ..ObjectMeta::default()
                 }),
-                spec: Some(PodSpec {
-                    containers: vec![container],
-                    // PostgreSQL never talks to the Kubernetes API.
-                    automount_service_account_token: Some(false),
-                    security_context: Some(restricted_pod(Some(USER))),
-                    ..PodSpec::default()
-                }),
+                spec: Some(pod),
             },
             volume_claim_templates: Some(vec![claim]),
             ..StatefulSetSpec::default()

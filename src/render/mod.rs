@@ -162,6 +162,8 @@ struct PodInputs<'a> {
     hooks: &'a Option<crate::api::HooksSpec>,
     #[serde(skip_serializing_if = "Option::is_none")]
     admin_secret: &'a Option<crate::api::LocalObjectRef>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    scheduling: &'a Option<crate::api::SchedulingSpec>,
 }
 
 fn config_digest(
@@ -185,6 +187,7 @@ fn config_digest(
         agent: &spec.agent,
         hooks: &spec.server.hooks,
         admin_secret: &spec.server.admin_secret_ref,
+        scheduling: &spec.scheduling,
     })
 }
 

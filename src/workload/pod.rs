@@ -20,7 +20,8 @@ use crate::api::{HealthScheme, IntegrationCluster, Profile};
 use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
 use crate::render::{self, CONFIG_DIR, Rendered, webmethods_is, wso2_carbon};
 
-/// The agent image when the spec names none: this release of the operator.
+/// The agent image when neither the spec nor the operator's `--agent-image`
+/// names one: this release of the operator.
 pub const AGENT_IMAGE: &str = concat!(
     "ghcr.io/integration-operator/integration-operator:",
     env!("CARGO_PKG_VERSION")
@@ -170,7 +171,13 @@ fn mount(name: &str, path: &str) -> VolumeMount {
 }
 
 /// The pod of `member`, stamped with its configuration and package digests.
-pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod {
+/// The agent runs `default_agent_image` unless the spec names one.
+pub fn pod(
+    ic: &IntegrationCluster,
+    rendered: &Rendered,
+    member: &Member,
+    default_agent_image: &str,
+) -> Pod {
     let spec = &ic.spec;
     let facts = facts(ic);
     let cluster = ic.metadata.name.clone().unwrap_or_default();
@@ -320,7 +327,7 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         .agent
         .as_ref()
         .and_then(|a| a.image.clone())
-        .unwrap_or_else(|| AGENT_IMAGE.to_owned());
+        .unwrap_or_else(|| default_agent_image.to_owned());
     volumes.push(Volume {
         name: "packages".into(),
         empty_dir: Some(EmptyDirVolumeSource::default()),
@@ -498,32 +505,34 @@ pub fn pod(ic: &IntegrationCluster, rendered: &Rendered, member: &Member) -> Pod
         ..Container::default()
     };
 
+    let mut pod_spec = PodSpec {
+        hostname: Some(member.name.clone()),
+        subdomain: Some(naming::admin_service(&cluster)),
+        readiness_gates: Some(vec![PodReadinessGate {
+            condition_type: ONLINE_CONDITION.into(),
+        }]),
+        init_containers: Some(vec![install]),
+        containers: vec![container, sidecar],
+        service_account_name: Some(naming::agent_account(&cluster)),
+        volumes: Some(volumes),
+        security_context: Some(stateful::restricted_pod(facts.user)),
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".into(),
+            when_unsatisfiable: "ScheduleAnyway".into(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(server_selector(ic)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
+        termination_grace_period_seconds: Some(120),
+        ..PodSpec::default()
+    };
+    stateful::schedule(ic, &mut pod_spec);
     Pod {
         metadata: meta,
-        spec: Some(PodSpec {
-            hostname: Some(member.name.clone()),
-            subdomain: Some(naming::admin_service(&cluster)),
-            readiness_gates: Some(vec![PodReadinessGate {
-                condition_type: ONLINE_CONDITION.into(),
-            }]),
-            init_containers: Some(vec![install]),
-            containers: vec![container, sidecar],
-            service_account_name: Some(naming::agent_account(&cluster)),
-            volumes: Some(volumes),
-            security_context: Some(stateful::restricted_pod(facts.user)),
-            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                max_skew: 1,
-                topology_key: "kubernetes.io/hostname".into(),
-                when_unsatisfiable: "ScheduleAnyway".into(),
-                label_selector: Some(LabelSelector {
-                    match_labels: Some(server_selector(ic)),
-                    ..LabelSelector::default()
-                }),
-                ..TopologySpreadConstraint::default()
-            }]),
-            termination_grace_period_seconds: Some(120),
-            ..PodSpec::default()
-        }),
+        spec: Some(pod_spec),
         status: None,
     }
 }
@@ -645,7 +654,7 @@ mod tests {
         let ic = sample(file);
         let cluster = validation::validate(&ic, &[]).expect("valid");
         let rendered = render::render(&ic, &cluster, &Default::default());
-        pod(&ic, &rendered, &cluster.members[0])
+        pod(&ic, &rendered, &cluster.members[0], AGENT_IMAGE)
     }
 
     #[test]
@@ -774,6 +783,7 @@ mod tests {
             &ic,
             &render::render(&ic, &cluster, &Default::default()),
             &cluster.members[0],
+            AGENT_IMAGE,
         );
         let spec = pod.spec.expect("spec");
         let agent = spec
@@ -795,6 +805,47 @@ mod tests {
         assert_eq!(
             from.map(|r| (r.name.as_str(), r.key.as_str())),
             Some(("orders-admin", "password"))
+        );
+    }
+
+    #[test]
+    fn scheduling_places_the_pod_and_joins_the_digest() {
+        let mut ic = sample("generic.yaml");
+        let unscheduled = {
+            let cluster = validation::validate(&ic, &[]).expect("valid");
+            render::render(&ic, &cluster, &Default::default())
+        };
+        ic.spec.scheduling = Some(crate::api::SchedulingSpec {
+            node_selector: BTreeMap::from([("type".to_owned(), "real".to_owned())]),
+            tolerations: vec![k8s_openapi::api::core::v1::Toleration {
+                key: Some("test-bed/real-node".into()),
+                operator: Some("Exists".into()),
+                effect: Some("NoSchedule".into()),
+                ..Default::default()
+            }],
+            affinity: None,
+        });
+        let cluster = validation::validate(&ic, &[]).expect("valid");
+        let rendered = render::render(&ic, &cluster, &Default::default());
+        let spec = pod(&ic, &rendered, &cluster.members[0], "agent:1")
+            .spec
+            .expect("spec");
+        assert_eq!(
+            spec.node_selector
+                .as_ref()
+                .and_then(|s| s.get("type"))
+                .map(String::as_str),
+            Some("real")
+        );
+        assert_eq!(spec.tolerations.map(|t| t.len()), Some(1));
+        assert_eq!(
+            spec.init_containers.expect("init")[0].image.as_deref(),
+            Some("agent:1"),
+            "the agent runs the operator's --agent-image when the spec names none"
+        );
+        assert_ne!(
+            rendered.node_digests, unscheduled.node_digests,
+            "moving the pods elsewhere replaces them"
         );
     }
 

@@ -1,14 +1,15 @@
 //! What the objects of the managed cache and database share with each
 //! other and with the server pods: labels and selectors by component, the
-//! restricted security contexts, named TCP ports, and the volume claim
-//! template with its retention.
+//! restricted security contexts, named TCP ports, the volume claim
+//! template with its retention, and where the pods may run.
 
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::StatefulSetPersistentVolumeClaimRetentionPolicy;
 use k8s_openapi::api::core::v1::{
     Capabilities, ContainerPort, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodSecurityContext, SeccompProfile, SecurityContext, ServicePort, VolumeResourceRequirements,
+    PodSecurityContext, PodSpec, SeccompProfile, SecurityContext, ServicePort,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -127,4 +128,18 @@ pub fn service_port(name: &str, port: i32) -> ServicePort {
         protocol: Some("TCP".to_owned()),
         ..ServicePort::default()
     }
+}
+
+/// Places a pod of `ic` where `spec.scheduling` says.
+pub fn schedule(ic: &IntegrationCluster, pod: &mut PodSpec) {
+    let Some(scheduling) = &ic.spec.scheduling else {
+        return;
+    };
+    if !scheduling.node_selector.is_empty() {
+        pod.node_selector = Some(scheduling.node_selector.clone());
+    }
+    if !scheduling.tolerations.is_empty() {
+        pod.tolerations = Some(scheduling.tolerations.clone());
+    }
+    pod.affinity.clone_from(&scheduling.affinity);
 }
