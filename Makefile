@@ -1,9 +1,10 @@
 # The two commands a newcomer needs are `make demo` and `make test`.
-.PHONY: demo test down crds build bench help
+.PHONY: demo test e2e down crds build bench help
 
 help:
 	@echo "make demo   local control plane + PostgreSQL, the operator, sample clusters"
 	@echo "make test   fmt, clippy, CRD check, unit and integration tests on a real control plane"
+	@echo "make e2e    end to end on a real kubelet node: operator in-cluster, agents, real servers"
 	@echo "make bench  listener failover: the agents against client-go leader election (bench/RESULTS.md)"
 	@echo "make down   stop the local control plane (and the demo operator)"
 	@echo "make crds   regenerate crds/ (and the chart's copy) from the Rust types"
@@ -13,6 +14,9 @@ demo:
 
 test:
 	hack/test
+
+e2e:
+	hack/e2e
 
 bench:
 	hack/bench
