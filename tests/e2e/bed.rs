@@ -437,11 +437,14 @@ async fn follow(
     }
 }
 
+/// Ready endpoint pod names at each change, with the time of the change.
+type Timeline = Arc<Mutex<Vec<(i64, BTreeSet<String>)>>>;
+
 /// The ready endpoints of a Service over time, and when pods began to be
 /// deleted: what a client would have been routed to.
 pub struct Observer {
     /// (time, ready endpoint pod names) at every change.
-    pub endpoints: Arc<Mutex<Vec<(i64, BTreeSet<String>)>>>,
+    pub endpoints: Timeline,
     /// Pod name → first time it was seen with a deletion timestamp.
     pub deleted: Arc<Mutex<BTreeMap<String, i64>>>,
     tasks: Vec<tokio::task::JoinHandle<()>>,
@@ -449,7 +452,7 @@ pub struct Observer {
 
 impl Observer {
     pub fn start(client: &Client, service: &str, cluster: &str) -> Self {
-        let endpoints: Arc<Mutex<Vec<(i64, BTreeSet<String>)>>> = Arc::default();
+        let endpoints: Timeline = Arc::default();
         let deleted: Arc<Mutex<BTreeMap<String, i64>>> = Arc::default();
         let slices: Api<EndpointSlice> = Api::namespaced(client.clone(), NS);
         let config =

@@ -366,12 +366,20 @@ async fn clusters_start_on_the_real_node_with_packages_agents_and_a_managed_data
         .await
         .expect("the cluster's own credentials");
     // What PostgreSQL holds, asked inside its container.
-    let query = format!(
-        "PGPASSWORD=\"$POSTGRES_PASSWORD\" psql -U postgres -h 127.0.0.1 -At -d {} -c \
-         \"SELECT table_name FROM information_schema.tables WHERE table_schema = 'integration_operator' ORDER BY 1\"",
-        database.database.as_deref().unwrap_or_default()
+    let tables = psql(
+        database.database.as_deref().unwrap_or_default(),
+        "SELECT table_name FROM information_schema.tables WHERE table_schema = 'integration_operator' ORDER BY 1",
     );
-    let tables = kubectl(&[
+    assert!(tables.contains("gd_work"), "{tables}");
+}
+
+/// Runs `sql` as the superuser in the cluster database `database`, inside
+/// the managed PostgreSQL's container; what psql printed.
+fn psql(database: &str, sql: &str) -> String {
+    let command = format!(
+        "PGPASSWORD=\"$POSTGRES_PASSWORD\" psql -U postgres -h 127.0.0.1 -At -v ON_ERROR_STOP=1 -d {database} -c \"{sql}\""
+    );
+    kubectl(&[
         "exec",
         "-n",
         NS,
@@ -379,9 +387,8 @@ async fn clusters_start_on_the_real_node_with_packages_agents_and_a_managed_data
         "--",
         "sh",
         "-c",
-        &query,
-    ]);
-    assert!(tables.contains("gd_work"), "{tables}");
+        &command,
+    ])
 }
 
 fn workload_ready(pod: &Pod) -> bool {
@@ -431,9 +438,43 @@ async fn node_workflows_quiesce_a_real_server_out_of_traffic_and_resume_it_befor
         "resumed ({resumed}) before it returned to the client Service ({joined})"
     );
 
-    // remove: out of traffic, quiesced, then deleted.
+    // remove: out of traffic, quiesced, its guaranteed-delivery work in
+    // the managed database finished, then deleted.
+    let db = "ic_e2e_orders";
+    psql(
+        db,
+        &format!(
+            "INSERT INTO integration_operator.gd_work (transaction_id, owner_node, state) \
+             VALUES ('e2e-{t}', '{node}', 'running')",
+            t = now_ms()
+        ),
+    );
     let t2 = now_ms();
     patch_nodes(&client, "orders", json!({"remove": [node]})).await;
+    wait_until(
+        Duration::from_secs(60),
+        "removal waiting for guaranteed-delivery work",
+        || async {
+            let ic = api(&client).await.get("orders").await.ok()?;
+            ic.status?
+                .nodes
+                .iter()
+                .find(|n| n.name == node)?
+                .message
+                .as_deref()?
+                .contains("1 unfinished guaranteed-delivery")
+                .then_some(())
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(seen.deleted_at(node), None, "deleted with work unfinished");
+    psql(
+        db,
+        &format!(
+            "UPDATE integration_operator.gd_work SET state = 'done' WHERE owner_node = '{node}'"
+        ),
+    );
     wait_state(&client, "orders", node, NodeState::Removed).await;
     let quiesced = logs
         .when(node, "quiesce", t2, Duration::from_secs(30))
@@ -568,8 +609,7 @@ async fn a_single_node_listener_moves_when_its_holder_dies_or_is_deleted() {
                 &["listener-enable", "listener-renew", "listener-disable"],
             )
             .into_iter()
-            .filter(|l| l.at < enabled)
-            .next_back();
+            .rfind(|l| l.at < enabled);
         let mut stopped = match &last {
             Some(l) if l.event == "listener-disable" => l.at,
             Some(l) => l
