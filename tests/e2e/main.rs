@@ -601,8 +601,11 @@ async fn a_single_node_listener_moves_when_its_holder_dies_or_is_deleted() {
         if how.starts_with("deletion") {
             assert_ne!(next, holder, "a deleted pod does not listen again");
         }
-        // When the old holder stopped: at its disable, at the kill, or at
-        // the `until` of its last enable or renewal, whichever came first.
+        // When the old holder stopped: at its disable, at the kill, at the
+        // exit of its server process, or at the `until` of its last enable
+        // or renewal, whichever came first. (A deleted pod's server may exit
+        // before its agent's disable reaches it: a server that is gone does
+        // not listen.)
         let last = logs
             .of(
                 &holder,
@@ -620,6 +623,9 @@ async fn a_single_node_listener_moves_when_its_holder_dies_or_is_deleted() {
         };
         if how.starts_with("SIGKILL") {
             stopped = stopped.min(t0);
+        }
+        if let Some(exit) = logs.of(&holder, &["exit"]).into_iter().find(|l| l.at >= t0) {
+            stopped = stopped.min(exit.at);
         }
         let overlap = (stopped - enabled).max(0);
         println!(
