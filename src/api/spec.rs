@@ -777,7 +777,9 @@ pub struct NodesSpec {
     #[schemars(extend("x-kubernetes-list-type" = "set"))]
     pub remove: Vec<String>,
     /// Seconds a removal waits for work to drain before it stops with
-    /// Stalled=True.
+    /// Stalled=True, counted from 5 s after the node left the client
+    /// Service (the time proxies and load balancers need to stop sending it
+    /// requests, during which the server is not yet quiesced).
     #[serde(default = "default_drain_timeout")]
     #[schemars(range(min = 0, max = 86400))]
     pub drain_timeout_seconds: i32,

@@ -156,17 +156,10 @@ fn unready_seconds(pod: &Pod, now: Timestamp) -> i64 {
         .map_or(0, |t| now.as_second() - t.0.as_second())
 }
 
-/// Seconds a node keeps counting as serving after it stopped being Ready:
-/// the endpoint change still has to reach every proxy (kube-proxy syncs at
-/// most once a second) and load balancer, which keep sending it requests
-/// meanwhile. Measured on a real node: deleting the pod at once failed 8 of
-/// 3,500 client requests of a rolling change; with this wait, none.
-pub const ENDPOINT_SETTLE_SECONDS: i64 = 5;
-
 /// Clients may still be sent to the pod: it is Ready, or it stopped being
-/// Ready less than [`ENDPOINT_SETTLE_SECONDS`] ago.
+/// Ready less than [`workflows::ENDPOINT_SETTLE_SECONDS`] ago.
 fn serving(pod: &Pod, now: Timestamp) -> bool {
-    workload::is_ready(pod) || unready_seconds(pod, now) < ENDPOINT_SETTLE_SECONDS
+    workload::is_ready(pod) || unready_seconds(pod, now) < workflows::ENDPOINT_SETTLE_SECONDS
 }
 
 /// Replacement order: listener-lease holders last, so a listener moves at
@@ -728,7 +721,7 @@ mod tests {
         }
         assert!(run(&new, &observed, &claims, 10).actions.is_empty());
         // Once the endpoint change had time to spread: delete it, and only it.
-        let settled = 8 + ENDPOINT_SETTLE_SECONDS;
+        let settled = 8 + workflows::ENDPOINT_SETTLE_SECONDS;
         assert_eq!(
             kinds(&run(&new, &observed, &claims, settled)),
             ["delete c-0"]
