@@ -5,9 +5,6 @@
 
 mod support;
 
-use std::path::PathBuf;
-use std::process::Command;
-
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::rbac::v1::ClusterRole;
 use kube::api::Api;
@@ -15,34 +12,6 @@ use serde_json::Value;
 use support::*;
 
 const CHART: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/charts/integration-operator");
-
-fn helm_binary() -> PathBuf {
-    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/install-helm"))
-        .output()
-        .expect("run hack/install-helm");
-    assert!(
-        out.status.success(),
-        "hack/install-helm failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
-}
-
-fn helm(args: &[&str]) -> String {
-    let out = Command::new(helm_binary())
-        .args(args)
-        .env("KUBECONFIG", admin_kubeconfig())
-        .output()
-        .expect("run helm");
-    assert!(
-        out.status.success(),
-        "helm {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
 
 /// The rendered documents, by kind.
 fn render(extra: &[&str]) -> Vec<Value> {

@@ -72,29 +72,6 @@ pub fn package_sha256() -> String {
         .to_owned()
 }
 
-fn run(program: &str, args: &[&str]) -> String {
-    let out = Command::new(program)
-        .args(args)
-        .env("KUBECONFIG", admin_kubeconfig())
-        .env("KUBECACHEDIR", state_dir().join("kubectl-cache"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .unwrap_or_else(|e| panic!("run {program}: {e}"));
-    assert!(
-        out.status.success(),
-        "{program} {} failed: {}{}",
-        args.join(" "),
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn helm(args: &[&str]) -> String {
-    let helm = run(repo("hack/install-helm").to_str().unwrap_or_default(), &[]);
-    run(helm.trim(), args)
-}
-
 /// The real node is there (or the run says why the scenarios are skipped),
 /// the operator runs in-cluster under its chart, and the namespace holds
 /// the package server. Done once per test binary.
@@ -501,23 +478,21 @@ impl Observer {
 
     /// The first time after `since` that `pod` was not a ready endpoint.
     pub fn left(&self, pod: &str, since: i64) -> Option<i64> {
-        let seen = self
-            .endpoints
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        seen.iter()
-            .find(|(at, ready)| *at >= since && !ready.contains(pod))
-            .map(|(at, _)| *at)
+        self.first_change(since, |ready| !ready.contains(pod))
     }
 
     /// The first time after `since` that `pod` was a ready endpoint.
     pub fn joined(&self, pod: &str, since: i64) -> Option<i64> {
+        self.first_change(since, |ready| ready.contains(pod))
+    }
+
+    fn first_change(&self, since: i64, is: impl Fn(&BTreeSet<String>) -> bool) -> Option<i64> {
         let seen = self
             .endpoints
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         seen.iter()
-            .find(|(at, ready)| *at >= since && ready.contains(pod))
+            .find(|(at, ready)| *at >= since && is(ready))
             .map(|(at, _)| *at)
     }
 

@@ -138,6 +138,36 @@ pub fn kubectl_output(args: &[&str]) -> std::process::Output {
         })
 }
 
+/// The pinned Helm, built by `hack/install-helm` on first use.
+pub fn helm_binary() -> PathBuf {
+    let out = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/hack/install-helm"))
+        .output()
+        .expect("run hack/install-helm");
+    assert!(
+        out.status.success(),
+        "hack/install-helm failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    PathBuf::from(String::from_utf8_lossy(&out.stdout).trim())
+}
+
+/// Runs helm with the admin kubeconfig; panics with its output when it fails.
+pub fn helm(args: &[&str]) -> String {
+    let out = Command::new(helm_binary())
+        .args(args)
+        .env("KUBECONFIG", admin_kubeconfig())
+        .output()
+        .expect("run helm");
+    assert!(
+        out.status.success(),
+        "helm {} failed: {}{}",
+        args.join(" "),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Runs kubectl until it succeeds: what the API server publishes about a
 /// new CRD (discovery, OpenAPI) follows its Established condition a little
 /// later.
