@@ -5,9 +5,12 @@
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Secret, Service,
+};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
@@ -19,10 +22,10 @@ use tracing::info;
 
 use super::plan::Action;
 use super::{Context, Error, FIELD_MANAGER};
-use crate::api::IntegrationCluster;
+use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
 use crate::database::managed;
-use crate::naming::{ONLINE_CONDITION, annotations, labels};
+use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
 use crate::render::Rendered;
 use crate::validation::ValidatedCluster;
 use crate::workload;
@@ -189,20 +192,23 @@ pub async fn observe(
         .await
         .map_err(read("volume claims"))?
         .items;
-    let owned = |meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
-        meta.owner_references
-            .iter()
-            .flatten()
-            .any(|o| Some(&o.uid) == ic.metadata.uid.as_ref())
+    let component = |meta: &ObjectMeta, wanted: &str| {
+        meta.labels
+            .as_ref()
+            .and_then(|l| l.get(labels::COMPONENT))
+            .is_some_and(|c| c == wanted)
     };
     let pods = pods
         .into_iter()
-        .filter(|p| {
-            owned(&p.metadata)
-                && p.labels().get(labels::COMPONENT).map(String::as_str) == Some("server")
-        })
+        .filter(|p| workload::is_owned_by(&p.metadata, ic) && component(&p.metadata, "server"))
         .collect();
-    let claims = claims.into_iter().filter(|c| owned(&c.metadata)).collect();
+    // Retained claims are owned by nobody (`workload::data_meta`): they are
+    // the cluster's by their labels, also after it was deleted and created
+    // again under the same name.
+    let claims = claims
+        .into_iter()
+        .filter(|c| component(&c.metadata, "data"))
+        .collect();
     Ok((pods, claims))
 }
 
@@ -241,7 +247,7 @@ pub async fn execute(
             Action::AskOffline { node, offline } => {
                 let desired = if *offline { "offline" } else { "online" };
                 let patch = serde_json::json!({"metadata": {"annotations": {annotations::DESIRED_STATE: desired}}});
-                pods.patch(node, &PatchParams::default(), &Patch::Merge(&patch))
+                pods.patch(node, &super::merge_params(), &Patch::Merge(&patch))
                     .await
                     .map_err(write(format!("ask {node} to go {desired}")))?;
                 info!(cluster = %ic.name_any(), %node, desired, "asked the agent");
@@ -382,42 +388,106 @@ fn truncate(text: &str, max: usize) -> String {
     }
 }
 
-/// On deletion with `deletionPolicy: Retain`: the claims lose their owner
-/// reference so garbage collection leaves them (and the data) alone.
+/// On deletion with `deletionPolicy: Retain`: the claims kept. Any still
+/// owned by the cluster lose that owner reference first.
 pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<String>, Error> {
     let (_, claims) = observe(ctx, ic).await?;
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
-    let mut released = Vec::new();
+    let mut kept = Vec::new();
     for claim in claims {
         release(&api, ic, &claim).await?;
-        released.push(claim.name_any());
+        kept.push(claim.name_any());
     }
-    Ok(released)
+    Ok(kept)
 }
 
-/// Removes the cluster's owner reference from `object`, so the garbage
-/// collector keeps it when the cluster goes (deletionPolicy Retain).
+/// Removes the cluster's owner reference from `object`, if it has one, so
+/// the garbage collector keeps it when the cluster goes.
 pub async fn release<K>(api: &Api<K>, ic: &IntegrationCluster, object: &K) -> Result<(), Error>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
 {
-    let name = object.name_any();
-    let keep: Vec<_> = object
+    set_owned(api, ic, object, false).await.map(|_| ())
+}
+
+/// Claims and database Secrets are owned by the cluster exactly when its
+/// deletion policy is Delete (`workload::data_meta`); a changed policy is
+/// carried over to the ones that exist. Returns the names changed.
+pub async fn follow_deletion_policy(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    claims: &[PersistentVolumeClaim],
+) -> Result<Vec<String>, Error> {
+    let owned = ic.spec.deletion_policy == DeletionPolicy::Delete;
+    let ns = ic.namespace().unwrap_or_default();
+    let mut changed = Vec::new();
+    let claims_api: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
+    for claim in claims {
+        if set_owned(&claims_api, ic, claim, owned).await? {
+            changed.push(claim.name_any());
+        }
+    }
+    let Some(database) = &ic.spec.database else {
+        return Ok(changed);
+    };
+    let secrets: Api<Secret> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut names = vec![naming::database_credentials(&ic.name_any())];
+    if database.mode == DatabaseMode::Managed {
+        names.push(naming::database_admin_secret(&ic.name_any()));
+    }
+    for name in names {
+        let secret = secrets.get_opt(&name).await.map_err(|source| Error::Read {
+            what: format!("Secret {name}"),
+            source,
+        })?;
+        if let Some(secret) = secret
+            && set_owned(&secrets, ic, &secret, owned).await?
+        {
+            changed.push(name);
+        }
+    }
+    Ok(changed)
+}
+
+/// Adds or removes the cluster's controller reference on `object`; false
+/// when it already was as wanted (no write).
+async fn set_owned<K>(
+    api: &Api<K>,
+    ic: &IntegrationCluster,
+    object: &K,
+    owned: bool,
+) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    if workload::is_owned_by(object.meta(), ic) == owned {
+        return Ok(false);
+    }
+    let mut references: Vec<_> = object
         .owner_references()
         .iter()
         .filter(|o| Some(&o.uid) != ic.metadata.uid.as_ref())
         .cloned()
         .collect();
-    let patch = serde_json::json!({"metadata": {"ownerReferences": keep}});
-    api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+    if owned {
+        references.extend(workload::owner_reference(ic));
+    }
+    let name = object.name_any();
+    let patch = serde_json::json!({"metadata": {"ownerReferences": references}});
+    api.patch(&name, &super::merge_params(), &Patch::Merge(&patch))
         .await
         .map_err(|source| Error::Write {
-            what: format!("release {} {name}", K::kind(&K::DynamicType::default())),
+            what: format!(
+                "{} the owner reference of {} {name}",
+                if owned { "add" } else { "remove" },
+                K::kind(&K::DynamicType::default())
+            ),
             source,
         })?;
-    Ok(())
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
-use kube::api::{Api, Patch, PatchParams, PostParams};
+use kube::api::{Api, Patch, PostParams};
 use kube::runtime::events::EventType;
 use sqlx::PgPool;
 use sqlx::postgres::PgPoolOptions;
@@ -23,7 +23,7 @@ use super::{Context, Error, FIELD_MANAGER, RESYNC, apply, backoff, plan};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
 use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned, managed};
 use crate::naming;
-use crate::workload::owned_meta;
+use crate::workload::data_meta;
 
 /// Provisioning results and connection pools, per cluster.
 #[derive(Default)]
@@ -69,10 +69,20 @@ fn secret_text(secret: &Secret, key: &str) -> Option<String> {
         })
 }
 
+/// Whether finding the admin connection may create the managed admin
+/// Secret: never during deletion, which must not create objects (in a
+/// terminating namespace it could not anyway).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Creating {
+    Allowed,
+    Forbidden,
+}
+
 /// The admin connection and a token that changes when its Secret does.
 async fn admin(
     secrets: &Api<Secret>,
     ic: &IntegrationCluster,
+    creating: Creating,
 ) -> Result<Result<(Admin, String), DbError>, Error> {
     let Some(spec) = &ic.spec.database else {
         return Ok(Err(DbError::new(ErrorClass::Other, "", "no database")));
@@ -112,10 +122,15 @@ async fn admin(
         }
         DatabaseMode::Managed => {
             let secret_name = naming::database_admin_secret(&name);
-            let secret = ensure_secret(secrets, ic, &secret_name, |password| {
-                managed::admin_secret(ic, &password)
-            })
-            .await?;
+            let secret = match creating {
+                Creating::Allowed => {
+                    ensure_secret(secrets, ic, &secret_name, |password| {
+                        managed::admin_secret(ic, &password)
+                    })
+                    .await?
+                }
+                Creating::Forbidden => read_secret(secrets, &secret_name).await?,
+            };
             let (Some(secret), Some(host)) = (secret, managed::admin_host(ic)) else {
                 return Ok(Err(DbError::new(
                     ErrorClass::Other,
@@ -196,7 +211,7 @@ async fn ensure_credentials(
         let mut data = connection.clone();
         data.insert("password".to_owned(), password);
         Some(Secret {
-            metadata: owned_meta(ic, name.clone(), "database"),
+            metadata: data_meta(ic, name.clone(), "database"),
             string_data: Some(data),
             type_: Some("Opaque".to_owned()),
             ..Default::default()
@@ -214,7 +229,7 @@ async fn ensure_credentials(
     if stale {
         let patch = serde_json::json!({ "stringData": connection });
         secret = secrets
-            .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+            .patch(&name, &super::merge_params(), &Patch::Merge(&patch))
             .await
             .map_err(|source| Error::Write {
                 what: format!("Secret {name}"),
@@ -246,7 +261,7 @@ pub async fn observe(
         .and_then(|s| s.database.clone())
         .unwrap_or_default();
 
-    let admin = admin(&secrets, ic).await?;
+    let admin = admin(&secrets, ic, Creating::Allowed).await?;
     // Without a readable admin Secret the servers keep the endpoint they
     // were given (status remembers it), so nothing restarts.
     let endpoint = match &admin {
@@ -415,45 +430,67 @@ pub fn forget(databases: &Databases, ic: &IntegrationCluster) {
     }
 }
 
-/// Deletion of a cluster with a database. Delete: drop the database and
-/// role. Retain: keep them, and release the Secrets that open them, so the
-/// data stays reachable after the cluster is gone. Returns what a person
-/// should read in an Event.
-pub async fn cleanup(
+/// What deletion with `deletionPolicy: Delete` drops: the cluster's
+/// database and role on an external server, as a person names them.
+pub fn drop_target(ic: &IntegrationCluster) -> String {
+    let role = naming::database_role(&ic.namespace().unwrap_or_default(), &ic.name_any());
+    let host = ic
+        .status
+        .as_ref()
+        .and_then(|s| s.database.as_ref())
+        .and_then(|d| d.host.clone())
+        .unwrap_or_else(|| "its server".to_owned());
+    format!("database {role} and role {role} on {host}")
+}
+
+/// Drops the cluster's database and role (deletionPolicy Delete, external
+/// server). Creates nothing: the admin Secret is only read. Returns what a
+/// person should read in an Event.
+pub async fn drop_database(
     client: &kube::Client,
     ic: &IntegrationCluster,
-    delete: bool,
 ) -> Result<Option<String>, Error> {
-    let Some(spec) = &ic.spec.database else {
-        return Ok(None);
-    };
     let namespace = ic.namespace().unwrap_or_default();
-    let name = ic.name_any();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let role = naming::database_role(&namespace, &name);
-    if delete {
-        let (admin, _) = admin(&secrets, ic).await?.map_err(Error::Database)?;
-        let endpoint = Endpoint {
-            host: admin.host().to_owned(),
-            port: admin.port(),
-            database: role.clone(),
-        };
-        let dropped = database::drop_cluster_database(&admin, &endpoint, &role)
-            .await
-            .map_err(Error::Database)?;
-        return Ok((!dropped.is_empty()).then(|| {
-            format!(
-                "deletionPolicy Delete: dropped {} on {}",
-                dropped.join(" and "),
-                endpoint.address()
-            )
-        }));
-    }
-    let mut kept = Vec::new();
+    let role = naming::database_role(&namespace, &ic.name_any());
+    let (admin, _) = admin(&secrets, ic, Creating::Forbidden)
+        .await?
+        .map_err(Error::Database)?;
+    let endpoint = Endpoint {
+        host: admin.host().to_owned(),
+        port: admin.port(),
+        database: role.clone(),
+    };
+    let dropped = database::drop_cluster_database(&admin, &endpoint, &role)
+        .await
+        .map_err(Error::Database)?;
+    Ok((!dropped.is_empty()).then(|| {
+        format!(
+            "deletionPolicy Delete: dropped {} on {}",
+            dropped.join(" and "),
+            endpoint.address()
+        )
+    }))
+}
+
+/// The Secrets that open a retained database (deletionPolicy Retain): the
+/// credentials and, for a managed server, its admin Secret. Those still
+/// owned by the cluster (made by an operator version that owned them) are
+/// released first. Returns the names kept.
+pub async fn keep_secrets(
+    client: &kube::Client,
+    ic: &IntegrationCluster,
+) -> Result<Vec<String>, Error> {
+    let Some(spec) = &ic.spec.database else {
+        return Ok(Vec::new());
+    };
+    let name = ic.name_any();
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &ic.namespace().unwrap_or_default());
     let mut names = vec![naming::database_credentials(&name)];
     if spec.mode == DatabaseMode::Managed {
         names.push(naming::database_admin_secret(&name));
     }
+    let mut kept = Vec::new();
     for secret_name in names {
         let Some(secret) = read_secret(&secrets, &secret_name).await? else {
             continue;
@@ -461,16 +498,7 @@ pub async fn cleanup(
         apply::release(&secrets, ic, &secret).await?;
         kept.push(secret_name);
     }
-    let host = ic
-        .status
-        .as_ref()
-        .and_then(|s| s.database.as_ref())
-        .and_then(|d| d.host.clone())
-        .unwrap_or_else(|| "its server".to_owned());
-    Ok(Some(format!(
-        "deletionPolicy Retain: kept database {role} and role {role} on {host}, and the Secrets {} (no longer owned by the cluster)",
-        kept.join(", ")
-    )))
+    Ok(kept)
 }
 
 /// Unfinished guaranteed-delivery work of the nodes being removed: None

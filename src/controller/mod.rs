@@ -10,8 +10,10 @@
 
 mod apply;
 mod cache;
+mod cleanup;
 mod conditions;
 mod database;
+mod finalizer;
 pub mod leader;
 mod listeners;
 mod plan;
@@ -33,14 +35,13 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::finalizer::{Event as FinalizerEvent, finalizer};
-use kube::runtime::reflector::Store;
+use kube::runtime::reflector::{self, Store};
 use kube::runtime::utils::PredicateConfig;
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
 use tracing::{info, warn};
 
-use crate::api::{DeletionPolicy, IntegrationCluster, IntegrationClusterStatus, Phase, condition};
+use crate::api::{IntegrationCluster, IntegrationClusterStatus, Phase, condition};
 use crate::naming::labels;
 use crate::{render, validation};
 
@@ -52,6 +53,10 @@ pub const FIELD_MANAGER: &str = "integration-operator";
 const RESYNC: Duration = Duration::from_secs(300);
 /// Retry delay after a failed reconcile.
 const RETRY: Duration = Duration::from_secs(5);
+/// The longest one reconcile may take. Every call in it has its own
+/// deadline; this one bounds their sum, so a cluster whose dependencies are
+/// slow gives up and retries later instead of holding on.
+const RECONCILE_DEADLINE: Duration = Duration::from_secs(120);
 
 /// Finalizer that lets the operator release retained volumes before the
 /// garbage collector deletes what the cluster owns.
@@ -60,19 +65,19 @@ pub const FINALIZER: &str = "integration.dev/cleanup";
 /// Errors of one reconcile; all are retried.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    #[error("writing status of {name}: {source}")]
+    #[error("writing status of {name}: {}", api_text(.source))]
     WriteStatus {
         name: String,
         #[source]
         source: kube::Error,
     },
-    #[error("reading {what}: {source}")]
+    #[error("reading {what}: {}", api_text(.source))]
     Read {
         what: String,
         #[source]
         source: kube::Error,
     },
-    #[error("{what}: {source}")]
+    #[error("{what}: {}", api_text(.source))]
     Write {
         what: String,
         #[source]
@@ -82,8 +87,11 @@ pub enum Error {
     Serialize(#[source] serde_json::Error),
     #[error("{0} has no namespace")]
     NotNamespaced(String),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error(
+        "the reconcile did not finish within {}s; the next attempt continues from what exists",
+        .0.as_secs()
+    )]
+    Deadline(Duration),
     #[error("{0}")]
     Database(#[source] crate::database::DbError),
     #[error("generating a password: {0}")]
@@ -101,11 +109,26 @@ impl Error {
             Error::Write { .. } => "write",
             Error::Serialize(_) => "serialize",
             Error::NotNamespaced(_) => "not_namespaced",
-            Error::Finalizer(_) => "finalizer",
+            Error::Deadline(_) => "deadline",
             Error::Database(_) => "database",
             Error::Random(_) => "random",
             Error::Conflict(_) => "conflict",
         }
+    }
+}
+
+/// An API error as a person reads it: the server's message and reason.
+/// kube's own Display appends the Rust Debug dump of the whole Status.
+pub fn api_text(error: &kube::Error) -> String {
+    match error {
+        kube::Error::Api(status) if !status.message.is_empty() => {
+            if status.reason.is_empty() {
+                status.message.clone()
+            } else {
+                format!("{} ({})", status.message, status.reason)
+            }
+        }
+        other => other.to_string(),
     }
 }
 
@@ -126,6 +149,15 @@ pub struct Context {
 impl Context {
     fn key(ic: &IntegrationCluster) -> String {
         format!("{}/{}", ic.namespace().unwrap_or_default(), ic.name_any())
+    }
+}
+
+/// Parameters of the operator's merge and JSON patches, so the API server
+/// records who wrote (without one it records "unknown").
+pub fn merge_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
     }
 }
 
@@ -203,7 +235,23 @@ pub async fn run(
     let owned = watcher::Config::default()
         .labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR))
         .any_semantic();
-    let controller = Controller::new(api, watcher::Config::default().any_semantic())
+    // The operator's own status writes must not wake it: a reconcile that
+    // fails and reports the failure in status would otherwise run again at
+    // once, and the error backoff would never apply. What a person changes
+    // (spec, annotations, labels, finalizers, deletion) still does.
+    let (store, writer) = reflector::store();
+    let clusters = watcher(api, watcher::Config::default().any_semantic())
+        .default_backoff()
+        .reflect(writer)
+        .applied_objects()
+        .predicate_filter(
+            predicates::generation
+                .combine(predicates::annotations)
+                .combine(predicates::labels)
+                .combine(predicates::finalizers),
+            PredicateConfig::default(),
+        );
+    let controller = Controller::for_stream(clusters, store)
         .owns(owned_api::<Pod>(&client, &scope), owned.clone())
         .owns(owned_api::<Service>(&client, &scope), owned.clone())
         .owns(owned_api::<ConfigMap>(&client, &scope), owned.clone())
@@ -266,14 +314,9 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
         .ok_or_else(|| Error::NotNamespaced(name.clone()))?;
     let api: Api<IntegrationCluster> = Api::namespaced(ctx.client.clone(), &namespace);
     let started = std::time::Instant::now();
-    let result = finalizer(&api, FINALIZER, ic.clone(), |event| async {
-        match event {
-            FinalizerEvent::Apply(ic) => reconcile_cluster(&ic, &ctx).await,
-            FinalizerEvent::Cleanup(ic) => cleanup(&ic, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    let result = tokio::time::timeout(RECONCILE_DEADLINE, by_stage(&api, &ic, &ctx))
+        .await
+        .unwrap_or(Err(Error::Deadline(RECONCILE_DEADLINE)));
     record_outcome(&ctx, &ic, result.is_ok());
     ctx.metrics.reconciled(
         started.elapsed().as_secs_f64(),
@@ -283,6 +326,27 @@ async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result<Act
         report_error(&ctx, &ic, e).await;
     }
     result
+}
+
+async fn by_stage(
+    api: &Api<IntegrationCluster>,
+    ic: &IntegrationCluster,
+    ctx: &Context,
+) -> Result<Action, Error> {
+    match finalizer::stage(ic) {
+        // Adding the finalizer changes the object, which brings it back.
+        finalizer::Stage::Unprotected => finalizer::add(api, ic)
+            .await
+            .map(|()| Action::await_change()),
+        finalizer::Stage::Live => reconcile_cluster(ic, ctx).await,
+        finalizer::Stage::Deleting => match cleanup::run(ic, ctx).await? {
+            cleanup::Outcome::Done => finalizer::remove(api, ic)
+                .await
+                .map(|()| Action::await_change()),
+            cleanup::Outcome::RetryIn(delay) => Ok(Action::requeue(delay)),
+        },
+        finalizer::Stage::Released => Ok(Action::await_change()),
+    }
 }
 
 fn record_outcome(ctx: &Context, ic: &IntegrationCluster, ok: bool) {
@@ -379,6 +443,13 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }
     let (pods, claims) = apply::observe(ctx, ic).await?;
+    if !ic.spec.paused {
+        let changed = apply::follow_deletion_policy(ctx, ic, &claims).await?;
+        if !changed.is_empty() {
+            let policy = format!("{:?}", ic.spec.deletion_policy);
+            info!(%namespace, %name, %policy, objects = ?changed, "ownership follows the deletion policy");
+        }
+    }
     let gd = database::unfinished_work(ic, db.as_ref(), &pods).await;
     let cache = cache::observe(&ctx.client, ic, !pods.is_empty()).await?;
     let leases = apply::observe_leases(ctx, ic).await?;
@@ -514,32 +585,6 @@ async fn write_status(
         info!(namespace = %ic.namespace().unwrap_or_default(), %name, ?phase, "status updated");
     }
     Ok(())
-}
-
-/// Deletion: with Retain, volume claims are released first so the garbage
-/// collector keeps them; everything else the cluster owns goes with it.
-async fn cleanup(ic: &IntegrationCluster, ctx: &Context) -> Result<Action, Error> {
-    let delete = ic.spec.deletion_policy == DeletionPolicy::Delete;
-    if let Some(note) = database::cleanup(&ctx.client, ic, delete).await? {
-        let reason = if delete {
-            "DatabaseDropped"
-        } else {
-            "DatabaseRetained"
-        };
-        apply::publish(ctx, ic, EventType::Normal, reason, note).await;
-    }
-    database::forget(&ctx.databases, ic);
-    if ic.spec.deletion_policy == DeletionPolicy::Retain {
-        let released = apply::release_claims(ctx, ic).await?;
-        if !released.is_empty() {
-            let note = format!(
-                "deletionPolicy Retain: kept volume claims {} (no longer owned by the cluster; delete them by hand when the data is no longer needed)",
-                released.join(", ")
-            );
-            apply::publish(ctx, ic, EventType::Normal, "VolumesRetained", note).await;
-        }
-    }
-    Ok(Action::await_change())
 }
 
 fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, ctx: Arc<Context>) -> Action {

@@ -228,9 +228,16 @@ pub fn plan(
             message: Some(message.into()),
         });
     }
-    // Claims of nodes that are gone: deleted only when the policy says so.
+    // Claims of nodes that are gone: deleted only when the policy says so,
+    // and only those this cluster owns (a retained claim of an earlier
+    // cluster of the same name is nobody's to delete).
     if spec.deletion_policy == DeletionPolicy::Delete {
-        for claim in &claims {
+        let owned = observed
+            .claims
+            .iter()
+            .filter(|c| workload::is_owned_by(&c.metadata, ic))
+            .filter_map(|c| c.metadata.name.as_deref());
+        for claim in owned {
             let node = claim.strip_prefix("data-").unwrap_or_default();
             if !members.contains(node) && !pods.contains_key(node) {
                 plan.actions.push(Action::DeleteClaim {

@@ -17,11 +17,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 
 use crate::api::{DatabaseMode, IntegrationCluster};
 use crate::naming::{self};
-use crate::workload::owned_meta;
 use crate::workload::stateful::{
     claim_retention, claim_template, component_labels, component_selector, container_port,
     restricted_container, restricted_pod, schedule, service_port,
 };
+use crate::workload::{data_meta, owned_meta};
 
 /// The image when the spec names none.
 pub const DEFAULT_IMAGE: &str = "postgres:17";
@@ -81,7 +81,7 @@ fn managed(ic: &IntegrationCluster) -> Option<Managed<'_>> {
 pub fn admin_secret(ic: &IntegrationCluster, password: &str) -> Option<Secret> {
     let m = managed(ic)?;
     Some(Secret {
-        metadata: owned_meta(ic, naming::database_admin_secret(m.cluster), COMPONENT),
+        metadata: data_meta(ic, naming::database_admin_secret(m.cluster), COMPONENT),
         type_: Some("Opaque".to_owned()),
         string_data: Some(BTreeMap::from([
             (USERNAME_KEY.to_owned(), ADMIN_USER.to_owned()),
@@ -367,8 +367,20 @@ mod tests {
     }
 
     #[test]
+    fn the_admin_secret_is_owned_only_under_delete() {
+        let mut ic = sample(None);
+        ic.spec.deletion_policy = DeletionPolicy::Retain;
+        let secret = admin_secret(&ic, "pw").expect("secret");
+        assert!(secret.metadata.owner_references.is_none());
+        ic.spec.deletion_policy = DeletionPolicy::Delete;
+        let secret = admin_secret(&ic, "pw").expect("secret");
+        assert!(secret.metadata.owner_references.is_some());
+    }
+
+    #[test]
     fn every_object_is_owned_and_labelled() {
-        let ic = sample(None);
+        let mut ic = sample(None);
+        ic.spec.deletion_policy = DeletionPolicy::Delete;
         let secret = admin_secret(&ic, "pw").expect("secret");
         let service = service(&ic).expect("service");
         let set = stateful_set(&ic).expect("set");

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 
-use crate::api::{IntegrationCluster, Profile};
+use crate::api::{DeletionPolicy, IntegrationCluster, Profile};
 use crate::naming::labels;
 
 /// Labels on every object of a cluster; the cluster label alone selects them.
@@ -50,6 +50,26 @@ pub fn owned_meta(ic: &IntegrationCluster, name: String, component: &str) -> Obj
         owner_references: owner_reference(ic).map(|o| vec![o]),
         ..ObjectMeta::default()
     }
+}
+
+/// Metadata of an object that holds data (a volume claim, a database
+/// Secret): owned by the cluster only under `deletionPolicy: Delete`. Under
+/// Retain nothing owns it, so no deletion mode (foreground, background, a
+/// namespace going) lets the garbage collector take it.
+pub fn data_meta(ic: &IntegrationCluster, name: String, component: &str) -> ObjectMeta {
+    let mut meta = owned_meta(ic, name, component);
+    if ic.spec.deletion_policy != DeletionPolicy::Delete {
+        meta.owner_references = None;
+    }
+    meta
+}
+
+/// Whether `meta` names the cluster (this incarnation, by UID) as an owner.
+pub fn is_owned_by(meta: &ObjectMeta, ic: &IntegrationCluster) -> bool {
+    meta.owner_references
+        .iter()
+        .flatten()
+        .any(|o| Some(&o.uid) == ic.metadata.uid.as_ref())
 }
 
 /// The controller owner reference to the cluster.

@@ -12,7 +12,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::stateful::service_port;
-use super::{owned_meta, server_selector};
+use super::{data_meta, owned_meta, server_selector};
 use crate::api::{IntegrationCluster, StorageSpec};
 use crate::naming::{self, labels};
 use crate::render::Rendered;
@@ -92,7 +92,7 @@ pub fn data_claim(
     node: &str,
     storage: &StorageSpec,
 ) -> PersistentVolumeClaim {
-    let mut meta = owned_meta(ic, naming::data_claim(node), "data");
+    let mut meta = data_meta(ic, naming::data_claim(node), "data");
     if let Some(labels) = meta.labels.as_mut() {
         labels.insert(labels::NODE.to_owned(), node.to_owned());
     }
