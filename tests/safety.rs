@@ -150,9 +150,12 @@ async fn a_persistent_api_error_is_retried_with_backoff_and_reported_in_words() 
         .iter()
         .filter(|w| w.starts_with("patch integrationclusters/status"))
         .count();
+    println!(
+        "in 60 s of a persistent error: {creates} pod creates, {status_patches} status patches"
+    );
     // 5 s doubling: within any 60 s at most 10 + 20 + 40 → 4 attempts.
     assert!(
-        creates <= 4 && status_patches <= 2,
+        creates <= 4 && status_patches <= 1,
         "{creates} pod creates and {status_patches} status patches in 60 s: {writes:#?}"
     );
     assert!(creates >= 1, "the operator still retries: {writes:#?}");

@@ -58,6 +58,9 @@ const RETRY: Duration = Duration::from_secs(5);
 /// slow gives up and retries later instead of holding on.
 const RECONCILE_DEADLINE: Duration = Duration::from_secs(120);
 
+/// Reason of the Degraded condition that reports a failed reconcile.
+const RECONCILE_ERROR: &str = "ReconcileError";
+
 /// Finalizer that lets the operator release retained volumes before the
 /// garbage collector deletes what the cluster owns.
 pub const FINALIZER: &str = "integration.dev/cleanup";
@@ -367,11 +370,11 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
     let current = ic.status.clone().unwrap_or_default();
     let message = format!("{error}");
     let already = conditions::find(&current.conditions, condition::DEGRADED)
-        .is_some_and(|c| c.reason == "ReconcileError" && c.message == message);
+        .is_some_and(|c| c.reason == RECONCILE_ERROR && c.message == message);
     if already || matches!(error, Error::WriteStatus { .. }) {
         return;
     }
-    let decided = conditions::Desired::new(condition::DEGRADED, true, "ReconcileError", message);
+    let decided = conditions::Desired::new(condition::DEGRADED, true, RECONCILE_ERROR, message);
     let desired = IntegrationClusterStatus {
         conditions: conditions::merge(
             &current.conditions,
@@ -384,6 +387,31 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
     if let Err(e) = write_status(ctx, ic, &current, &desired).await {
         warn!(name = %ic.name_any(), error = %e, "reporting the reconcile error in status failed");
     }
+}
+
+/// The status to write before the actions: `computed`, but with a
+/// reported reconcile error kept until an attempt gets past the actions.
+/// Otherwise every failing attempt would clear the error and report it
+/// again: two status writes per attempt instead of none.
+fn keep_reported_error(
+    current: &IntegrationClusterStatus,
+    computed: &IntegrationClusterStatus,
+) -> IntegrationClusterStatus {
+    let Some(reported) = conditions::find(&current.conditions, condition::DEGRADED)
+        .filter(|c| c.reason == RECONCILE_ERROR && c.status == "True")
+    else {
+        return computed.clone();
+    };
+    let mut desired = computed.clone();
+    match desired
+        .conditions
+        .iter_mut()
+        .find(|c| c.type_ == condition::DEGRADED)
+    {
+        Some(degraded) => *degraded = reported.clone(),
+        None => desired.conditions.push(reported.clone()),
+    }
+    desired
 }
 
 /// observe → validate → shared services → render → plan → status → apply.
@@ -486,7 +514,8 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         listeners: listeners::statuses(ic, &leases, Timestamp::now()),
         shared_problem,
     };
-    let desired = status::desired(ic, &validated, Some(&progress), Timestamp::now());
+    let computed = status::desired(ic, &validated, Some(&progress), Timestamp::now());
+    let desired = keep_reported_error(&current, &computed);
     write_status(ctx, ic, &current, &desired).await?;
     // Related to the node that now holds (or let go of) the listener.
     for (note, node) in listeners::handovers(&current.listeners, &desired.listeners) {
@@ -525,6 +554,8 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         apply::publish(ctx, ic, EventType::Warning, "ForcedRemoval", note).await;
     }
     apply::execute(ctx, ic, &plan.actions).await?;
+    // This attempt got past the actions: a reported error goes now.
+    write_status(ctx, ic, &desired, &computed).await?;
     info!(%namespace, %name, actions = plan.actions.len(), "reconciled");
     let lock_break_in = match db.as_ref().and_then(|v| v.pool.as_ref()) {
         Some(pool) => database::after_apply(ctx, ic, pool, &pods, &plan).await,
@@ -600,6 +631,31 @@ fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, ctx: Arc<Context>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn degraded(reason: &str, message: &str) -> IntegrationClusterStatus {
+        IntegrationClusterStatus {
+            conditions: conditions::merge(
+                &[],
+                &[conditions::Desired::new(
+                    condition::DEGRADED,
+                    reason == RECONCILE_ERROR,
+                    reason,
+                    message,
+                )],
+                Some(1),
+                Timestamp::UNIX_EPOCH,
+            ),
+            ..IntegrationClusterStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_reported_error_stays_until_an_attempt_gets_past_the_actions() {
+        let reported = degraded(RECONCILE_ERROR, "create pod q-0: forbidden");
+        let computed = degraded("AllNodesReady", "");
+        assert_eq!(keep_reported_error(&reported, &computed), reported);
+        assert_eq!(keep_reported_error(&computed, &computed), computed);
+    }
 
     #[test]
     fn retries_back_off_to_five_minutes() {
