@@ -353,8 +353,8 @@ async fn agent_init(
     pod: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     let result = match agent::init::read_list(packages_file) {
-        Ok(packages) => match agent::init::fetch(&packages, sources).await {
-            Ok(archives) => agent::init::install(&packages, archives, target),
+        Ok(packages) => match agent::init::fetch(&packages, sources, &agent::init::LIMITS).await {
+            Ok(archives) => agent::init::install(&packages, archives, target, &agent::init::LIMITS),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),

@@ -384,9 +384,14 @@ pub fn pod(
         .as_ref()
         .and_then(|a| a.image.clone())
         .unwrap_or_else(|| default_agent_image.to_owned());
+    // install-packages refuses sets past its own limits; this bounds what
+    // the server writes into its package directories on top.
     volumes.push(Volume {
         name: "packages".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(init::PACKAGE_VOLUME_LIMIT.into())),
+            medium: None,
+        }),
         ..Volume::default()
     });
     if spec.profile == Profile::WebmethodsIs {
@@ -912,6 +917,19 @@ mod tests {
                 .map(|f| f.field_path.as_str()),
             Some("metadata.namespace")
         );
+    }
+
+    #[test]
+    fn the_packages_volume_is_bounded() {
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        let limit = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .find(|v| v.name == "packages")
+            .and_then(|v| v.empty_dir.as_ref())
+            .and_then(|e| e.size_limit.clone());
+        assert_eq!(limit, Some(Quantity("2Gi".into())));
     }
 
     #[test]
