@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use integration_operator::{
-    agent, api, controller, database, listeners, metrics, render, telemetry,
+    agent, api, controller, database, kube_client, listeners, metrics, render, telemetry,
 };
 
 /// Kubernetes operator for clustered integration servers.
@@ -389,9 +389,9 @@ async fn agent_watch(
     setup: agent::ListenerSetup,
 ) -> anyhow::Result<()> {
     telemetry::init(telemetry::LogFormat::Text);
-    let client = kube::Client::try_default()
+    let client = kube_client::for_requests_inferred()
         .await
-        .context("no Kubernetes configuration found for the agent")?;
+        .context("the agent's Kubernetes client")?;
     let interval = std::time::Duration::from_millis(interval_ms);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -435,7 +435,10 @@ async fn run(
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG to a kubeconfig file, or run the operator inside a cluster",
     )?;
-    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let client = kube::Client::try_from(kube_client::for_requests(config.clone()))
+        .context("building the Kubernetes client")?;
+    let watches = kube::Client::try_from(kube_client::for_watches(config))
+        .context("building the Kubernetes client")?;
     let scope = match namespace {
         Some(ns) => controller::Scope::Namespace(ns),
         None => controller::Scope::AllNamespaces,
@@ -501,9 +504,16 @@ async fn run(
         metrics.set_leader(true);
     }
     let mut until_stop = stopped.clone();
-    controller::run(client, scope, metrics.clone(), agent_image, async move {
-        let _ = until_stop.wait_for(|s| *s).await;
-    })
+    controller::run(
+        client,
+        watches,
+        scope,
+        metrics.clone(),
+        agent_image,
+        async move {
+            let _ = until_stop.wait_for(|s| *s).await;
+        },
+    )
     .await;
 
     if let (Some(election), Some(term)) = (election, term) {
