@@ -449,10 +449,9 @@ async fn run(
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    // A signal or a lost leadership stops the controller gracefully.
+    // A signal stops the controller gracefully: running reconciles finish
+    // (the leader keeps renewing meanwhile), then the Lease is released.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let stop = std::sync::Arc::new(stop);
-    let on_signal = stop.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::spawn(async move {
@@ -460,7 +459,7 @@ async fn run(
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-        let _ = on_signal.send(true);
+        let _ = stop.send(true);
     });
 
     let election = leader.leader_elect.then(|| {
@@ -483,6 +482,10 @@ async fn run(
             ),
         ))
     });
+    // A lost Lease, by contrast, stops everything at once: another replica
+    // may already lead, so not one more write may go out from this one.
+    let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
     let mut term = None;
     if let Some(election) = &election {
         let mut until_stop = stopped.clone();
@@ -490,11 +493,11 @@ async fn run(
             return Ok(());
         };
         metrics.set_leader(true);
-        let (election, stopped, stop) = (election.clone(), stopped.clone(), stop.clone());
+        let election = election.clone();
         term = Some(tokio::spawn(async move {
-            let end = election.keep(since, stopped).await;
+            let end = election.keep(since, drained).await;
             if end == controller::leader::TermEnd::Lost {
-                let _ = stop.send(true);
+                let _ = lost_tx.send(true);
             }
             end
         }));
@@ -504,7 +507,7 @@ async fn run(
         metrics.set_leader(true);
     }
     let mut until_stop = stopped.clone();
-    controller::run(
+    let controller = controller::run(
         client,
         watches,
         scope,
@@ -513,11 +516,19 @@ async fn run(
         async move {
             let _ = until_stop.wait_for(|s| *s).await;
         },
-    )
-    .await;
+    );
+    tokio::select! {
+        () = controller => {}
+        // Dropping the controller aborts its running reconciles, and the
+        // process exits before anything else runs; the Deployment
+        // restarts it as a standby.
+        Ok(_) = lost.wait_for(|l| *l) => {
+            anyhow::bail!("lost the leader lease; stopped at once, exiting so that a restart contends again");
+        }
+    }
 
     if let (Some(election), Some(term)) = (election, term) {
-        let _ = stop.send(true);
+        let _ = drained_tx.send(true);
         if term.await.ok() == Some(controller::leader::TermEnd::Lost) {
             anyhow::bail!("lost the leader lease; exiting so that a restart contends again");
         }

@@ -190,8 +190,9 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
     }
 }
 
-/// Runs the controller until `stop` completes (a signal, or a lost
-/// leadership), letting running reconciles finish. Reconciles call the
+/// Runs the controller until `stop` completes (a signal), letting running
+/// reconciles finish; dropping the future aborts them instead (a lost
+/// leadership, in main). Reconciles call the
 /// API through `client`; the watches go through `watches`, whose read
 /// timeout suits them (see `crate::kube_client`).
 pub async fn run(

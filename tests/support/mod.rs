@@ -497,6 +497,12 @@ impl Operator {
         Self { child }
     }
 
+    /// The exit code, once the process has exited (None while it runs or
+    /// when a signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }
