@@ -756,5 +756,14 @@ spec:
     assert!(!token_mounted("server"), "as admitted: {spec:?}");
     assert!(token_mounted("agent"));
     assert!(token_mounted("install-packages"));
+    // While the operator runs to remove its finalizer.
+    clusters
+        .delete("tok", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until(Duration::from_secs(60), "tok deleted", || async {
+        clusters.get_opt("tok").await.ok()?.is_none().then_some(())
+    })
+    .await;
     delete_namespace(&client, &ns).await;
 }
