@@ -16,6 +16,7 @@ pub mod api;
 pub mod cache;
 pub mod controller;
 pub mod database;
+pub mod kube_client;
 pub mod lease;
 pub mod listeners;
 pub mod metrics;

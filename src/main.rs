@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
 use integration_operator::{
-    agent, api, controller, database, listeners, metrics, render, telemetry,
+    agent, api, controller, database, kube_client, listeners, metrics, render, telemetry,
 };
 
 /// Kubernetes operator for clustered integration servers.
@@ -353,8 +353,8 @@ async fn agent_init(
     pod: Option<(String, String)>,
 ) -> anyhow::Result<()> {
     let result = match agent::init::read_list(packages_file) {
-        Ok(packages) => match agent::init::fetch(&packages, sources).await {
-            Ok(archives) => agent::init::install(&packages, archives, target),
+        Ok(packages) => match agent::init::fetch(&packages, sources, &agent::init::LIMITS).await {
+            Ok(archives) => agent::init::install(&packages, archives, target, &agent::init::LIMITS),
             Err(e) => Err(e),
         },
         Err(e) => Err(e),
@@ -389,9 +389,9 @@ async fn agent_watch(
     setup: agent::ListenerSetup,
 ) -> anyhow::Result<()> {
     telemetry::init(telemetry::LogFormat::Text);
-    let client = kube::Client::try_default()
+    let client = kube_client::for_requests_inferred()
         .await
-        .context("no Kubernetes configuration found for the agent")?;
+        .context("the agent's Kubernetes client")?;
     let interval = std::time::Duration::from_millis(interval_ms);
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -435,7 +435,10 @@ async fn run(
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG to a kubeconfig file, or run the operator inside a cluster",
     )?;
-    let client = kube::Client::try_from(config).context("building the Kubernetes client")?;
+    let client = kube::Client::try_from(kube_client::for_requests(config.clone()))
+        .context("building the Kubernetes client")?;
+    let watches = kube::Client::try_from(kube_client::for_watches(config))
+        .context("building the Kubernetes client")?;
     let scope = match namespace {
         Some(ns) => controller::Scope::Namespace(ns),
         None => controller::Scope::AllNamespaces,
@@ -446,10 +449,9 @@ async fn run(
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    // A signal or a lost leadership stops the controller gracefully.
+    // A signal stops the controller gracefully: running reconciles finish
+    // (the leader keeps renewing meanwhile), then the Lease is released.
     let (stop, stopped) = tokio::sync::watch::channel(false);
-    let stop = std::sync::Arc::new(stop);
-    let on_signal = stop.clone();
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     tokio::spawn(async move {
@@ -457,7 +459,7 @@ async fn run(
             _ = tokio::signal::ctrl_c() => {}
             _ = terminate.recv() => {}
         }
-        let _ = on_signal.send(true);
+        let _ = stop.send(true);
     });
 
     let election = leader.leader_elect.then(|| {
@@ -480,6 +482,10 @@ async fn run(
             ),
         ))
     });
+    // A lost Lease, by contrast, stops everything at once: another replica
+    // may already lead, so not one more write may go out from this one.
+    let (lost_tx, mut lost) = tokio::sync::watch::channel(false);
+    let (drained_tx, drained) = tokio::sync::watch::channel(false);
     let mut term = None;
     if let Some(election) = &election {
         let mut until_stop = stopped.clone();
@@ -487,11 +493,11 @@ async fn run(
             return Ok(());
         };
         metrics.set_leader(true);
-        let (election, stopped, stop) = (election.clone(), stopped.clone(), stop.clone());
+        let election = election.clone();
         term = Some(tokio::spawn(async move {
-            let end = election.keep(since, stopped).await;
+            let end = election.keep(since, drained).await;
             if end == controller::leader::TermEnd::Lost {
-                let _ = stop.send(true);
+                let _ = lost_tx.send(true);
             }
             end
         }));
@@ -501,13 +507,28 @@ async fn run(
         metrics.set_leader(true);
     }
     let mut until_stop = stopped.clone();
-    controller::run(client, scope, metrics.clone(), agent_image, async move {
-        let _ = until_stop.wait_for(|s| *s).await;
-    })
-    .await;
+    let controller = controller::run(
+        client,
+        watches,
+        scope,
+        metrics.clone(),
+        agent_image,
+        async move {
+            let _ = until_stop.wait_for(|s| *s).await;
+        },
+    );
+    tokio::select! {
+        () = controller => {}
+        // Dropping the controller aborts its running reconciles, and the
+        // process exits before anything else runs; the Deployment
+        // restarts it as a standby.
+        Ok(_) = lost.wait_for(|l| *l) => {
+            anyhow::bail!("lost the leader lease; stopped at once, exiting so that a restart contends again");
+        }
+    }
 
     if let (Some(election), Some(term)) = (election, term) {
-        let _ = stop.send(true);
+        let _ = drained_tx.send(true);
         if term.await.ok() == Some(controller::leader::TermEnd::Lost) {
             anyhow::bail!("lost the leader lease; exiting so that a restart contends again");
         }

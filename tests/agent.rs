@@ -352,6 +352,66 @@ async fn a_corrupt_package_stops_the_init_step_with_a_clear_message_and_an_event
     delete_namespace(&client, &ns).await;
 }
 
+#[tokio::test]
+async fn url_credentials_reach_neither_the_termination_message_nor_the_event() {
+    let client = admin().await;
+    let ns = namespace(&client, "agent-url").await;
+    let dir = std::env::temp_dir().join(unique("agent-url"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    // Nothing listens on port 1: the download fails and says where.
+    let list = json!([{
+        "name": "WmKafkaAdapter", "version": "9.6",
+        "source": {"url": "https://installer:s3cr3t-pass@127.0.0.1:1/WmKafkaAdapter.zip?X-Amz-Signature=s3cr3t-sig"},
+        "sha256": "0".repeat(64),
+    }]);
+    std::fs::write(dir.join("packages.json"), list.to_string()).expect("list");
+    let termination = dir.join("termination-log");
+    let output = tokio::process::Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+        .args(["agent", "init"])
+        .arg(format!(
+            "--packages-file={}",
+            dir.join("packages.json").display()
+        ))
+        .arg(format!("--target={}", dir.join("installed").display()))
+        .arg(format!("--termination-log={}", termination.display()))
+        .env("POD_NAME", "c-0")
+        .env("POD_NAMESPACE", &ns)
+        .env("KUBECONFIG", admin_kubeconfig())
+        .output()
+        .await
+        .expect("run agent init");
+    assert_eq!(output.status.code(), Some(1));
+    let message = std::fs::read_to_string(&termination).expect("termination message");
+    assert!(
+        message.contains("127.0.0.1:1/WmKafkaAdapter.zip"),
+        "the message names the source: {message}"
+    );
+    let events: Api<Event> = Api::namespaced(client.clone(), &ns);
+    let event = wait_until(
+        Duration::from_secs(30),
+        "PackageInstallFailed event",
+        || async {
+            let list = events.list(&ListParams::default()).await.ok()?;
+            list.items
+                .into_iter()
+                .find(|e| e.reason.as_deref() == Some("PackageInstallFailed"))
+        },
+    )
+    .await;
+    let note = event.note.unwrap_or_default();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    for (what, text) in [
+        ("termination message", message.as_str()),
+        ("Event", note.as_str()),
+        ("log", &stderr),
+    ] {
+        for secret in ["s3cr3t-pass", "s3cr3t-sig", "installer"] {
+            assert!(!text.contains(secret), "{secret} in the {what}: {text}");
+        }
+    }
+    delete_namespace(&client, &ns).await;
+}
+
 /// Restarts the agent of c-1 with `args` (pointing it at altered files)
 /// and checks that the operator sees drift with `why` and replaces c-1.
 async fn inside_change_replaces_the_node(mut b: Bed, args: &[&str], why: &str) {

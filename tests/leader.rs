@@ -149,6 +149,162 @@ async fn one_replica_leads_and_a_standby_takes_over() {
     delete_namespace(&client, &ns).await;
 }
 
+/// Where the audit log ends now: a test reads only what follows.
+fn audit_end() -> u64 {
+    std::fs::metadata(state_dir().join("audit.log")).map_or(0, |m| m.len())
+}
+
+/// The completed requests on objects of `ns` logged since `from` (the
+/// log is shared by every test, and large).
+fn audit_events(from: u64, ns: &str) -> Vec<serde_json::Value> {
+    use std::io::{Read, Seek};
+    let mut file = std::fs::File::open(state_dir().join("audit.log")).expect("open audit log");
+    file.seek(std::io::SeekFrom::Start(from))
+        .expect("seek audit log");
+    let mut text = String::new();
+    file.read_to_string(&mut text).expect("read audit log");
+    let marker = format!("\"namespace\":\"{ns}\"");
+    text.lines()
+        .filter(|line| line.contains(&marker))
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete" && e["objectRef"]["namespace"] == ns)
+        .collect()
+}
+
+/// Successful writes of the operator's user among `events` that the API
+/// server received after `after` (its own timestamps: RFC 3339 with
+/// microseconds, which compare as text), as "verb resource/subresource".
+fn operator_writes_after(events: &[serde_json::Value], after: &str) -> Vec<String> {
+    events
+        .iter()
+        .filter(|e| {
+            e["user"]["username"] == "integration-operator"
+                && e["responseStatus"]["code"]
+                    .as_i64()
+                    .is_some_and(|c| c < 400)
+                && e["requestReceivedTimestamp"]
+                    .as_str()
+                    .is_some_and(|t| t > after)
+        })
+        .map(|e| {
+            format!(
+                "{} {}/{} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["objectRef"]["resource"].as_str().unwrap_or_default(),
+                e["objectRef"]["subresource"].as_str().unwrap_or_default(),
+                e["objectRef"]["name"].as_str().unwrap_or_default()
+            )
+        })
+        .collect()
+}
+
+/// A leader whose Lease another holder takes (here an admin hands it
+/// over) while a reconcile is in flight, waiting on a database that never
+/// answers, stops at once: nothing it writes lands after the loss, and it
+/// exits non-zero so that its Deployment restarts it as a standby.
+#[tokio::test]
+async fn a_leader_that_loses_its_lease_stops_writing_at_once() {
+    let client = admin().await;
+    let ns = namespace(&client, "lost").await;
+    let audit_from = audit_end();
+    // The cluster's database: accepts connections and never answers.
+    let tarpit = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = tarpit.local_addr().expect("address").port();
+    let (connected, mut waiting) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((stream, _)) = tarpit.accept().await {
+            held.push(stream);
+            let _ = connected.send(true);
+        }
+    });
+    database_admin_secret(
+        &client,
+        &ns,
+        "db-admin",
+        &format!("postgres://admin:pw@127.0.0.1:{port}/postgres"),
+    )
+    .await;
+    let mut leader = replica(&ns, "op-a");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    wait_until(Duration::from_secs(20), "op-a leads", || async {
+        holder(&leases).await.filter(|h| h == "op-a")
+    })
+    .await;
+    let yaml = "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata: {name: c}\n\
+                spec:\n  profile: generic\n  mode: stateless\n  image: srv:1\n  replicas: 1\n  \
+                database: {mode: external, external: {secretRef: {name: db-admin, key: url}}, components: [Orders]}\n";
+    create_yaml(&client, &ns, yaml).await.expect("create");
+    tokio::time::timeout(Duration::from_secs(30), waiting.wait_for(|c| *c))
+        .await
+        .expect("the reconcile connects to the database")
+        .expect("tarpit");
+
+    // The loss: another holder, freshly renewed.
+    let now = k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime(
+        k8s_openapi::jiff::Timestamp::now(),
+    );
+    leases
+        .patch(
+            LEASE,
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {
+                "holderIdentity": "usurper",
+                "acquireTime": now,
+                "renewTime": now,
+                "leaseDurationSeconds": 60,
+            }})),
+        )
+        .await
+        .expect("hand the Lease over");
+    let lost = Instant::now();
+
+    // Long enough for the waiting reconcile to give up on the database
+    // (10 s) and report.
+    let exited = leader.wait_exit(Duration::from_secs(15)).await;
+    let exit_after = lost.elapsed();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let events = audit_events(audit_from, &ns);
+    let handed_over = events
+        .iter()
+        .filter(|e| {
+            e["objectRef"]["resource"] == "leases"
+                && e["verb"] == "patch"
+                && e["user"]["username"] != "integration-operator"
+        })
+        .filter_map(|e| e["stageTimestamp"].as_str())
+        .max()
+        .expect("the hand-over in the audit log");
+    let late = operator_writes_after(&events, handed_over);
+    assert!(
+        late.is_empty(),
+        "writes of the old leader after it lost the Lease: {late:?}"
+    );
+    assert!(
+        exited,
+        "the old leader still runs {exit_after:?} after the loss"
+    );
+    assert!(
+        exit_after <= Duration::from_secs(3),
+        "the old leader exited {exit_after:?} after the loss"
+    );
+    assert_eq!(leader.exit_code(), Some(1), "a lost Lease is a failure");
+    assert_eq!(holder(&leases).await.as_deref(), Some("usurper"));
+    // No operator is left to remove its finalizer; the namespace could
+    // not go otherwise.
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    api.patch(
+        "c",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+    )
+    .await
+    .expect("drop the finalizer");
+    delete_namespace(&client, &ns).await;
+}
+
 #[tokio::test]
 async fn the_operator_manifests_are_valid_kubernetes_objects() {
     let _client = admin().await;

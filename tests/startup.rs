@@ -54,6 +54,56 @@ fn an_unreachable_api_server_is_named() {
 }
 
 #[tokio::test]
+async fn an_api_server_that_never_answers_is_given_up_on() {
+    // Accepts connections and reads requests, but never answers.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut sink = Vec::new();
+                let _ = stream.read_to_end(&mut sink).await;
+            });
+        }
+    });
+    let dir = std::env::temp_dir().join(unique("silent"));
+    std::fs::create_dir_all(&dir).expect("dir");
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: 'http://{address}'}}}}]\n\
+             users: [{{name: u, user: {{token: t}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .expect("write kubeconfig");
+    let started = std::time::Instant::now();
+    let child = tokio::process::Command::new(env!("CARGO_BIN_EXE_integration-operator"))
+        .args(["run"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env("HOME", std::env::temp_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("run operator");
+    let output = tokio::time::timeout(Duration::from_secs(60), child.wait_with_output())
+        .await
+        .expect("the operator still waits for an answer after 60 s")
+        .expect("operator output");
+    assert!(
+        started.elapsed() < Duration::from_secs(45),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_one_clear_line(&output, "cannot reach the Kubernetes API server");
+}
+
+#[tokio::test]
 async fn a_missing_crd_says_how_to_install_it() {
     let client = admin().await;
     // Earlier tests' clusters carry the operator's finalizer and no operator

@@ -50,6 +50,13 @@ pub enum InitError {
         url: String,
         message: String,
     },
+    #[error("package {name}: {what} exceeds the {limit} limit for {scope}")]
+    TooLarge {
+        name: String,
+        what: String,
+        limit: String,
+        scope: &'static str,
+    },
     #[error("package {name}: not a readable zip archive: {message}")]
     Archive { name: String, message: String },
     #[error("reading the package list {path}: {message}")]
@@ -89,69 +96,372 @@ fn source_path(package: &PackageSpec, sources: &Sources) -> Result<PathBuf, Init
     Err(unsupported("no source: set one of configMap, image or url"))
 }
 
-/// How long one package download may take.
+/// What installing one package set may take. Archives and their unpacked
+/// files are held in memory until the whole set is verified, so these
+/// bound the init container's memory as well as the packages volume.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    /// Bytes of one archive, downloaded or read from a file.
+    pub archive_bytes: u64,
+    /// Bytes of one unpacked file.
+    pub entry_bytes: u64,
+    /// Files in the whole set.
+    pub entries: usize,
+    /// Bytes the whole set stages: its archives and their unpacked files.
+    pub staged_bytes: u64,
+    /// Redirects one download follows.
+    pub redirects: usize,
+}
+
+const KIB: u64 = 1024;
+const MIB: u64 = 1024 * KIB;
+const GIB: u64 = 1024 * MIB;
+
+/// The operator's limits (there is no spec field for them): far above the
+/// packages webMethods and WSO2 ship, far below what fills a node.
+pub const LIMITS: Limits = Limits {
+    archive_bytes: 256 * MIB,
+    entry_bytes: 256 * MIB,
+    entries: 100_000,
+    staged_bytes: GIB,
+    redirects: 5,
+};
+
+/// The size limit of the packages volume: the staged set plus as much
+/// again for what servers write into their package directories (IS keeps
+/// package configuration there).
+pub const PACKAGE_VOLUME_LIMIT: &str = "2Gi";
+
+/// A byte count as a person reads a limit.
+fn size(bytes: u64) -> String {
+    match bytes {
+        b if b >= GIB && b % GIB == 0 => format!("{} GiB", b / GIB),
+        b if b >= MIB && b % MIB == 0 => format!("{} MiB", b / MIB),
+        b if b >= KIB && b % KIB == 0 => format!("{} KiB", b / KIB),
+        b => format!("{b} bytes"),
+    }
+}
+
+/// How long one package download may take, redirects included.
 const DOWNLOAD_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
-/// Downloads a package archive over http or https (system trust roots).
-async fn download(name: &str, url: &str) -> Result<Vec<u8>, InitError> {
-    use http_body_util::{BodyExt, Empty};
+/// How much of an error answer's body is read, and shown.
+const EXCERPT_BYTES: usize = 1024;
+const EXCERPT_CHARS: usize = 200;
+
+/// The secret parts of package URLs, which errors (the termination
+/// message, the pod's Event, the log) must never show: user information
+/// and query strings (presigned URLs carry their token there). Servers may
+/// echo them in what they answer, so answers are scrubbed too.
+#[derive(Default)]
+struct Secrets(Vec<String>);
+
+impl Secrets {
+    fn learn(&mut self, url: &url::Url) {
+        let mut found = Vec::new();
+        if let Some(password) = url.password() {
+            found.push(password.to_owned());
+            found.push(decoded(password));
+        }
+        if !url.username().is_empty() {
+            found.push(url.username().to_owned());
+            found.push(decoded(url.username()));
+            found.push(basic_credentials(url));
+        }
+        if let Some(query) = url.query() {
+            found.push(query.to_owned());
+            for (_, value) in url.query_pairs() {
+                found.push(value.into_owned());
+            }
+            for pair in query.split('&') {
+                if let Some((_, value)) = pair.split_once('=') {
+                    found.push(value.to_owned());
+                }
+            }
+        }
+        // Very short values would blank out ordinary words.
+        for secret in found {
+            if secret.len() >= 4 && !self.0.contains(&secret) {
+                self.0.push(secret);
+            }
+        }
+        // Longest first: a secret that contains another goes whole.
+        self.0.sort_by_key(|s| std::cmp::Reverse(s.len()));
+    }
+
+    fn scrub(&self, text: &str) -> String {
+        self.0.iter().fold(text.to_owned(), |text, secret| {
+            text.replace(secret.as_str(), "<redacted>")
+        })
+    }
+}
+
+/// The Basic credentials of a URL's user information.
+fn basic_credentials(url: &url::Url) -> String {
+    crate::agent::hooks::basic_auth(
+        &decoded(url.username()),
+        &decoded(url.password().unwrap_or("")),
+    )
+}
+
+fn decoded(s: &str) -> String {
+    percent_encoding::percent_decode_str(s)
+        .decode_utf8_lossy()
+        .into_owned()
+}
+
+/// A URL as errors show it: without user information and query.
+fn shown(url: &url::Url) -> String {
+    let mut bare = url.clone();
+    let had_user = !bare.username().is_empty() || bare.password().is_some();
+    let _ = bare.set_username("");
+    let _ = bare.set_password(None);
+    let had_query = bare.query().is_some();
+    bare.set_query(None);
+    bare.set_fragment(None);
+    let mut text = bare.to_string();
+    if had_user {
+        text = text.replacen("://", "://<redacted>@", 1);
+    }
+    if had_query {
+        text.push_str("?<redacted>");
+    }
+    text
+}
+
+/// The error's chain on one line (hyper's own text is "client error
+/// (Connect)"; the cause is in its sources).
+fn causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text = format!("{text}: {more}");
+        }
+        source = cause.source();
+    }
+    text
+}
+
+/// Why a download failed: where it was (as shown) and what happened.
+struct Failure {
+    at: String,
+    message: String,
+}
+
+/// Downloads a package archive over http or https (system trust roots),
+/// following up to `limits.redirects` redirects. User information in the
+/// URL is sent as Basic credentials, to the URL's own origin only.
+async fn download(name: &str, url: &str, limits: &Limits) -> Result<Vec<u8>, InitError> {
+    let mut secrets = Secrets::default();
+    let failed = |secrets: &Secrets, failure: Failure| InitError::Download {
+        name: name.to_owned(),
+        url: failure.at,
+        message: secrets.scrub(&failure.message),
+    };
+    let first = url::Url::parse(url).map_err(|e| InitError::Download {
+        name: name.to_owned(),
+        // Unparsable, so its secret parts cannot be told apart.
+        url: "the package URL".to_owned(),
+        message: format!("not a URL: {e}"),
+    })?;
+    secrets.learn(&first);
+    let at = shown(&first);
+    let result = tokio::time::timeout(DOWNLOAD_TIMEOUT, get(first, limits, &mut secrets)).await;
+    match result {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(failure)) => Err(failed(&secrets, failure)),
+        Err(_) => Err(failed(
+            &secrets,
+            Failure {
+                at,
+                message: format!("no complete answer within {DOWNLOAD_TIMEOUT:?}"),
+            },
+        )),
+    }
+}
+
+async fn get(first: url::Url, limits: &Limits, secrets: &mut Secrets) -> Result<Vec<u8>, Failure> {
+    use http_body_util::Empty;
     use hyper::body::Bytes;
+    use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, LOCATION};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
-    let failed = |message: String| InitError::Download {
-        name: name.to_owned(),
-        url: url.to_owned(),
-        message,
-    };
+
     let connector = hyper_rustls::HttpsConnectorBuilder::new()
         .with_native_roots()
-        .map_err(|e| failed(format!("loading trust roots: {e}")))?
+        .map_err(|e| Failure {
+            at: shown(&first),
+            message: format!("loading trust roots: {e}"),
+        })?
         .https_or_http()
         .enable_http1()
         .build();
     let client: Client<_, Empty<Bytes>> = Client::builder(TokioExecutor::new()).build(connector);
-    let uri: hyper::Uri = url.parse().map_err(|e| failed(format!("{e}")))?;
-    let request = async {
-        let response = client.get(uri).await.map_err(|e| failed(e.to_string()))?;
-        let status = response.status();
-        if !status.is_success() {
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
-                .unwrap_or_default();
-            return Err(failed(format!("answered {status}: {body}")));
+    let authorization = (!first.username().is_empty()).then(|| basic_credentials(&first));
+    let origin = first.origin();
+    let mut current = first;
+    for _ in 0..=limits.redirects {
+        let at = shown(&current);
+        let fail = |message: String| Failure {
+            at: at.clone(),
+            message,
+        };
+        let mut plain = current.clone();
+        let _ = plain.set_username("");
+        let _ = plain.set_password(None);
+        plain.set_fragment(None);
+        let uri: hyper::Uri = plain.as_str().parse().map_err(|e| fail(format!("{e}")))?;
+        let mut request = hyper::Request::get(uri);
+        if let Some(credentials) = &authorization
+            && current.origin() == origin
+        {
+            request = request.header(AUTHORIZATION, credentials);
         }
-        let body = response
-            .into_body()
-            .collect()
+        let request = request
+            .body(Empty::new())
+            .map_err(|e| fail(e.to_string()))?;
+        let response = client
+            .request(request)
             .await
-            .map_err(|e| failed(e.to_string()))?;
-        Ok(body.to_bytes().to_vec())
-    };
-    tokio::time::timeout(DOWNLOAD_TIMEOUT, request)
-        .await
-        .map_err(|_| failed(format!("no complete answer within {DOWNLOAD_TIMEOUT:?}")))?
+            .map_err(|e| fail(causes(&e)))?;
+        let status = response.status();
+        let location = response.headers().get(LOCATION);
+        if status.is_redirection()
+            && let Some(location) = location
+        {
+            let location = location.to_str().map_err(|_| {
+                fail(format!(
+                    "answered {status} with a Location that is not text"
+                ))
+            })?;
+            let next = current
+                .join(location)
+                .map_err(|e| fail(format!("answered {status} with an invalid Location: {e}")))?;
+            match (current.scheme(), next.scheme()) {
+                (_, "https") | ("http", "http") => {}
+                ("https", "http") => {
+                    return Err(fail(format!(
+                        "answered {status} with a redirect from https to http, which is refused"
+                    )));
+                }
+                (_, other) => {
+                    return Err(fail(format!(
+                        "answered {status} with a redirect to a {other} URL, which is refused"
+                    )));
+                }
+            }
+            secrets.learn(&next);
+            current = next;
+            continue;
+        }
+        if !status.is_success() {
+            let body = read_body(response.into_body(), EXCERPT_BYTES as u64)
+                .await
+                .ok()
+                .map(|b| {
+                    String::from_utf8_lossy(&b.bytes)
+                        .chars()
+                        .take(EXCERPT_CHARS)
+                        .collect::<String>()
+                })
+                .unwrap_or_default();
+            return Err(fail(format!("answered {status}: {}", body.trim())));
+        }
+        let announced = response
+            .headers()
+            .get(CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        let over = |what: String| {
+            fail(format!(
+                "{what} exceeds the {} limit for one archive",
+                size(limits.archive_bytes)
+            ))
+        };
+        if let Some(length) = announced
+            && length > limits.archive_bytes
+        {
+            return Err(over(format!("the announced {length} bytes")));
+        }
+        let body = read_body(response.into_body(), limits.archive_bytes)
+            .await
+            .map_err(|e| fail(causes(&e)))?;
+        if body.cut {
+            return Err(over("the body".to_owned()));
+        }
+        return Ok(body.bytes);
+    }
+    Err(Failure {
+        at: shown(&current),
+        message: format!("more than {} redirects", limits.redirects),
+    })
+}
+
+/// A body read up to a limit.
+struct Body {
+    bytes: Vec<u8>,
+    /// The body went on past the limit; `bytes` holds only the first part.
+    cut: bool,
+}
+
+async fn read_body(mut body: hyper::body::Incoming, limit: u64) -> Result<Body, hyper::Error> {
+    use http_body_util::BodyExt;
+    let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+    let mut bytes = Vec::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            if bytes.len().saturating_add(data.len()) > limit {
+                return Ok(Body { bytes, cut: true });
+            }
+            bytes.extend_from_slice(&data);
+        }
+    }
+    Ok(Body { bytes, cut: false })
 }
 
 /// Reads every package archive from its source.
-pub async fn fetch(packages: &[PackageSpec], sources: &Sources) -> Result<Vec<Vec<u8>>, InitError> {
+pub async fn fetch(
+    packages: &[PackageSpec],
+    sources: &Sources,
+    limits: &Limits,
+) -> Result<Vec<Vec<u8>>, InitError> {
     let mut archives = Vec::with_capacity(packages.len());
     for package in packages {
         if let Some(url) = &package.source.url {
-            archives.push(download(&package.name, url).await?);
+            archives.push(download(&package.name, url, limits).await?);
             continue;
         }
         let path = source_path(package, sources)?;
-        let bytes = std::fs::read(&path).map_err(|source| InitError::Read {
-            name: package.name.clone(),
-            path: path.display().to_string(),
-            source,
-        })?;
-        archives.push(bytes);
+        archives.push(read_archive(&package.name, &path, limits)?);
     }
     Ok(archives)
+}
+
+/// An archive from a mounted source, refused past the limit for one.
+fn read_archive(name: &str, path: &Path, limits: &Limits) -> Result<Vec<u8>, InitError> {
+    use std::io::Read;
+    let read = |source| InitError::Read {
+        name: name.to_owned(),
+        path: path.display().to_string(),
+        source,
+    };
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(read)?
+        .take(limits.archive_bytes.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(read)?;
+    if bytes.len() as u64 > limits.archive_bytes {
+        return Err(InitError::TooLarge {
+            name: name.to_owned(),
+            what: path.display().to_string(),
+            limit: size(limits.archive_bytes),
+            scope: "one archive",
+        });
+    }
+    Ok(bytes)
 }
 
 /// The directory (and volume name suffix) an image source is mounted at:
@@ -189,6 +499,7 @@ pub fn install(
     packages: &[PackageSpec],
     archives: Vec<Vec<u8>>,
     target: &Path,
+    limits: &Limits,
 ) -> Result<Vec<String>, InitError> {
     let mut verified = Vec::with_capacity(packages.len());
     for (package, bytes) in packages.iter().zip(archives) {
@@ -206,13 +517,19 @@ pub fn install(
         path: path.display().to_string(),
         source,
     };
-    std::fs::create_dir_all(target).map_err(|e| write(target, e))?;
-    // Unpack everything before staging anything: a broken archive fails
-    // the whole set.
+    // Unpack everything before staging anything: a broken or oversized
+    // archive fails the whole set.
+    let mut staged = Staged {
+        limits,
+        bytes: verified.iter().map(|(_, b)| b.len() as u64).sum(),
+        files: 0,
+    };
     let mut unpacked = Vec::with_capacity(verified.len());
     for (name, bytes) in &verified {
-        unpacked.push(unpack(name, bytes)?);
+        staged.check(name)?;
+        unpacked.push(unpack(name, bytes, &mut staged)?);
     }
+    std::fs::create_dir_all(target).map_err(|e| write(target, e))?;
     let mut installed = Vec::new();
     for ((name, bytes), files) in verified.into_iter().zip(unpacked) {
         let archive = target.join(format!("{name}.zip"));
@@ -230,9 +547,41 @@ pub fn install(
     Ok(installed)
 }
 
+/// What the package set stages so far, against its limits.
+struct Staged<'a> {
+    limits: &'a Limits,
+    /// The archives' bytes and the files unpacked so far.
+    bytes: u64,
+    files: usize,
+}
+
+impl Staged<'_> {
+    fn check(&self, name: &str) -> Result<(), InitError> {
+        let over = |limit: String| InitError::TooLarge {
+            name: name.to_owned(),
+            what: "unpacking".to_owned(),
+            limit,
+            scope: "the package set (archives and files)",
+        };
+        if self.bytes > self.limits.staged_bytes {
+            return Err(over(size(self.limits.staged_bytes)));
+        }
+        if self.files > self.limits.entries {
+            return Err(over(format!("{}-file", self.limits.entries)));
+        }
+        Ok(())
+    }
+}
+
 /// The files of a package archive, by relative path. Entries that would
-/// land outside the package directory ("../", absolute paths) are refused.
-fn unpack(name: &str, bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<u8>)>, InitError> {
+/// land outside the package directory ("../", absolute paths) are refused,
+/// and so are files past the limits: an entry's size is read, not
+/// trusted from its header.
+fn unpack(
+    name: &str,
+    bytes: &[u8],
+    staged: &mut Staged,
+) -> Result<Vec<(PathBuf, Vec<u8>)>, InitError> {
     use std::io::Read;
     let archive_error = |message: String| InitError::Archive {
         name: name.to_owned(),
@@ -240,9 +589,10 @@ fn unpack(name: &str, bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<u8>)>, InitError
     };
     let mut archive = zip::ZipArchive::new(std::io::Cursor::new(bytes))
         .map_err(|e| archive_error(e.to_string()))?;
+    let limits = *staged.limits;
     let mut files = Vec::new();
     for i in 0..archive.len() {
-        let mut entry = archive
+        let entry = archive
             .by_index(i)
             .map_err(|e| archive_error(e.to_string()))?;
         if entry.is_dir() {
@@ -254,10 +604,29 @@ fn unpack(name: &str, bytes: &[u8]) -> Result<Vec<(PathBuf, Vec<u8>)>, InitError
                 entry.name()
             )));
         };
+        let too_large = || InitError::TooLarge {
+            name: name.to_owned(),
+            what: format!("entry {}", relative.display()),
+            limit: size(limits.entry_bytes),
+            scope: "one file",
+        };
+        if entry.size() > limits.entry_bytes {
+            return Err(too_large());
+        }
+        staged.files += 1;
+        let room = limits
+            .entry_bytes
+            .min(limits.staged_bytes.saturating_sub(staged.bytes));
         let mut content = Vec::new();
         entry
+            .take(room.saturating_add(1))
             .read_to_end(&mut content)
             .map_err(|e| archive_error(e.to_string()))?;
+        if content.len() as u64 > limits.entry_bytes {
+            return Err(too_large());
+        }
+        staged.bytes += content.len() as u64;
+        staged.check(name)?;
         files.push((relative, content));
     }
     Ok(files)
@@ -284,8 +653,8 @@ mod tests {
         sources: &Sources,
         target: &Path,
     ) -> Result<Vec<String>, InitError> {
-        let archives = fetch(packages, sources).await?;
-        install(packages, archives, target)
+        let archives = fetch(packages, sources, &LIMITS).await?;
+        install(packages, archives, target, &LIMITS)
     }
 
     fn dir(name: &str) -> PathBuf {
@@ -401,5 +770,322 @@ mod tests {
             .await
             .expect_err("missing");
         assert!(err.to_string().starts_with("package A: reading "), "{err}");
+    }
+    /// Small limits, so that the tests stay small.
+    const TEST_LIMITS: Limits = Limits {
+        archive_bytes: 64 * 1024,
+        entry_bytes: 64 * 1024,
+        entries: 100,
+        staged_bytes: 256 * 1024,
+        redirects: 5,
+    };
+
+    /// What the loopback server answers to one request.
+    struct Reply {
+        bytes: Vec<u8>,
+        /// Keep the connection open after the reply, sending nothing more.
+        hang: bool,
+    }
+
+    fn reply(status: &str, headers: &[(&str, String)], body: &[u8]) -> Reply {
+        let mut head = format!("HTTP/1.1 {status}\r\nConnection: close\r\n");
+        for (name, value) in headers {
+            head += &format!("{name}: {value}\r\n");
+        }
+        if !headers
+            .iter()
+            .any(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            && !headers
+                .iter()
+                .any(|(n, _)| n.eq_ignore_ascii_case("transfer-encoding"))
+        {
+            head += &format!("Content-Length: {}\r\n", body.len());
+        }
+        let mut bytes = format!("{head}\r\n").into_bytes();
+        bytes.extend_from_slice(body);
+        Reply { bytes, hang: false }
+    }
+
+    /// A body in chunked transfer encoding, `chunk` bytes a chunk.
+    fn chunked(body: &[u8], chunk: usize) -> Vec<u8> {
+        let mut out = Vec::new();
+        for part in body.chunks(chunk) {
+            out.extend_from_slice(format!("{:x}\r\n", part.len()).as_bytes());
+            out.extend_from_slice(part);
+            out.extend_from_slice(b"\r\n");
+        }
+        out.extend_from_slice(b"0\r\n\r\n");
+        out
+    }
+
+    /// An HTTP/1.1 server on loopback that answers every request with
+    /// `answer(request head)`; its base URL.
+    async fn serve(answer: impl Fn(&str) -> Reply + Send + Sync + 'static) -> String {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let answer = std::sync::Arc::new(answer);
+        tokio::spawn(async move {
+            while let Ok((mut stream, _)) = listener.accept().await {
+                let answer = answer.clone();
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut buf = [0u8; 1024];
+                    while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                        match stream.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => head.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    let reply = answer(&String::from_utf8_lossy(&head));
+                    let _ = stream.write_all(&reply.bytes).await;
+                    if reply.hang {
+                        tokio::time::sleep(std::time::Duration::from_secs(60)).await;
+                    }
+                });
+            }
+        });
+        format!("http://{address}")
+    }
+
+    fn url_package(name: &str, url: &str, content: &[u8]) -> PackageSpec {
+        PackageSpec {
+            source: PackageSource {
+                image: None,
+                url: Some(url.to_owned()),
+                config_map: None,
+            },
+            ..package(name, content)
+        }
+    }
+
+    async fn fetch_url(url: &str) -> Result<Vec<Vec<u8>>, InitError> {
+        let (sources, _) = setup(&unique_dir_name(), &[]);
+        let packages = [url_package("A", url, b"")];
+        let fetched = fetch(&packages, &sources, &TEST_LIMITS);
+        tokio::time::timeout(std::time::Duration::from_secs(10), fetched)
+            .await
+            .expect("an answer within 10 s")
+    }
+
+    /// The error of a fetch that must fail (a success is reported by size).
+    fn refused(result: Result<Vec<Vec<u8>>, InitError>) -> InitError {
+        match result {
+            Ok(archives) => panic!(
+                "fetched {:?} bytes",
+                archives.iter().map(Vec::len).collect::<Vec<_>>()
+            ),
+            Err(e) => e,
+        }
+    }
+
+    fn unique_dir_name() -> String {
+        static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        format!(
+            "url-{}",
+            N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        )
+    }
+
+    #[tokio::test]
+    async fn an_announced_oversized_download_is_refused_without_reading_it() {
+        let base = serve(|_| Reply {
+            hang: true,
+            ..reply("200 OK", &[("Content-Length", "1000000".into())], b"PK")
+        })
+        .await;
+        let err = refused(fetch_url(&format!("{base}/big.zip")).await);
+        let text = err.to_string();
+        assert!(text.contains("1000000 bytes"), "{text}");
+        assert!(text.contains("64 KiB limit"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_chunked_download_past_the_limit_is_cut_off() {
+        let body = vec![7u8; 1024 * 1024];
+        let base = serve(move |_| {
+            reply(
+                "200 OK",
+                &[("Transfer-Encoding", "chunked".into())],
+                &chunked(&body, 16 * 1024),
+            )
+        })
+        .await;
+        let err = refused(fetch_url(&format!("{base}/big.zip")).await);
+        assert!(err.to_string().contains("64 KiB limit"), "{err}");
+    }
+
+    /// A zip with `files` entries of `size` zero bytes each, deflated to
+    /// almost nothing.
+    fn bomb(files: usize, size: usize) -> Vec<u8> {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        let options = zip::write::SimpleFileOptions::default()
+            .compression_method(zip::CompressionMethod::Deflated);
+        let zeros = vec![0u8; size];
+        for i in 0..files {
+            zip.start_file(format!("f{i}"), options).expect("entry");
+            zip.write_all(&zeros).expect("write");
+        }
+        zip.finish().expect("finish").into_inner()
+    }
+
+    #[tokio::test]
+    async fn a_zip_bomb_installs_nothing() {
+        // One file far past the limit for a file.
+        let one = bomb(1, 4 * 1024 * 1024);
+        assert!(one.len() < 64 * 1024, "the archive itself is small");
+        let target = dir("bomb-one").join("packages");
+        let err =
+            install(&[package("A", &one)], vec![one], &target, &TEST_LIMITS).expect_err("a bomb");
+        assert!(
+            err.to_string().contains("64 KiB limit for one file"),
+            "{err}"
+        );
+        assert!(!target.join("A.zip").exists());
+        // Files each within the limit, together past the set's.
+        let many = bomb(8, 60 * 1024);
+        let target = dir("bomb-many").join("packages");
+        let err =
+            install(&[package("A", &many)], vec![many], &target, &TEST_LIMITS).expect_err("a bomb");
+        assert!(
+            err.to_string()
+                .contains("256 KiB limit for the package set"),
+            "{err}"
+        );
+        assert!(!target.join("A.zip").exists());
+    }
+
+    #[tokio::test]
+    async fn an_entry_outside_the_package_directory_installs_nothing() {
+        use std::io::Write;
+        let mut zip = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+        zip.start_file("../../etc/evil", zip::write::SimpleFileOptions::default())
+            .expect("entry");
+        zip.write_all(b"x").expect("write");
+        let evil = zip.finish().expect("finish").into_inner();
+        let root = dir("traversal");
+        let err = install(
+            &[package("A", &evil)],
+            vec![evil],
+            &root.join("a").join("packages"),
+            &TEST_LIMITS,
+        )
+        .expect_err("traversal");
+        assert!(
+            err.to_string().contains("points outside the package"),
+            "{err}"
+        );
+        assert!(!root.join("etc").exists());
+    }
+
+    /// A server with a chain of `hops` redirects before /p.zip; the URL of
+    /// the first.
+    async fn redirects(hops: usize, content: Vec<u8>) -> String {
+        serve(move |head| {
+            let path = head
+                .split_whitespace()
+                .nth(1)
+                .unwrap_or_default()
+                .to_owned();
+            match path
+                .strip_prefix("/r/")
+                .and_then(|n| n.parse::<usize>().ok())
+            {
+                // Relative and absolute-path Locations, and each 3xx kind.
+                Some(n) if n + 1 < hops => {
+                    let status = [
+                        "301 Moved Permanently",
+                        "302 Found",
+                        "303 See Other",
+                        "307 Temporary Redirect",
+                        "308 Permanent Redirect",
+                    ][n % 5];
+                    let location = if n % 2 == 0 {
+                        format!("{}", n + 1)
+                    } else {
+                        format!("/r/{}", n + 1)
+                    };
+                    reply(status, &[("Location", location)], b"")
+                }
+                Some(_) => reply("302 Found", &[("Location", "/p.zip".into())], b""),
+                None if path == "/p.zip" => reply("200 OK", &[], &content),
+                None => reply("404 Not Found", &[], b""),
+            }
+        })
+        .await
+    }
+
+    #[tokio::test]
+    async fn redirects_are_followed_up_to_the_limit() {
+        let a = archive("a");
+        let base = redirects(5, a.clone()).await;
+        let fetched = fetch_url(&format!("{base}/r/0"))
+            .await
+            .expect("5 redirects");
+        assert_eq!(fetched, std::slice::from_ref(&a));
+        let base = redirects(6, a).await;
+        let err = refused(fetch_url(&format!("{base}/r/0")).await);
+        assert!(err.to_string().contains("more than 5 redirects"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn url_credentials_never_reach_the_error() {
+        // An unreachable server: the error names the URL.
+        let err = refused(fetch_url("https://user:pass@127.0.0.1:1/p.zip?token=x").await);
+        let text = err.to_string();
+        assert!(text.contains("127.0.0.1:1/p.zip"), "{text}");
+        assert!(
+            !text.contains("pass") && !text.contains("token=x"),
+            "{text}"
+        );
+        // A server that echoes the request (path, query, Authorization).
+        let base = serve(|head| reply("403 Forbidden", &[], head.as_bytes())).await;
+        let url = base.replace("http://", "http://user:pass@") + "/p.zip?token=x";
+        let text = refused(fetch_url(&url).await).to_string();
+        assert!(text.contains("403"), "{text}");
+        for secret in ["pass", "token=x", "dXNlcjpwYXNz"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+    }
+
+    /// The value of header `name` in a request head.
+    fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
+        head.lines().find_map(|line| {
+            let (n, v) = line.split_once(':')?;
+            n.eq_ignore_ascii_case(name).then(|| v.trim())
+        })
+    }
+
+    #[tokio::test]
+    async fn url_credentials_are_sent_as_basic_auth_to_their_origin_only() {
+        let a = archive("a");
+        let served = a.clone();
+        // Another origin (port), which must not see the credentials.
+        let elsewhere = serve(move |head| match header(head, "authorization") {
+            None => reply("200 OK", &[], &served),
+            Some(_) => reply("400 Bad Request", &[], b"credentials leaked"),
+        })
+        .await;
+        let base = serve(move |head| {
+            let redirect = head.starts_with("GET /go ");
+            match header(head, "authorization") {
+                Some("Basic dXNlcjpwYXNz") if redirect => reply(
+                    "302 Found",
+                    &[("Location", format!("{elsewhere}/p.zip"))],
+                    b"",
+                ),
+                Some("Basic dXNlcjpwYXNz") => reply("200 OK", &[], b"direct"),
+                _ => reply("401 Unauthorized", &[], b""),
+            }
+        })
+        .await;
+        let with_user = base.replace("http://", "http://user:pass@");
+        let direct = fetch_url(&format!("{with_user}/p.zip")).await;
+        assert_eq!(direct.expect("authorized"), [b"direct".to_vec()]);
+        let redirected = fetch_url(&format!("{with_user}/go")).await;
+        assert_eq!(redirected.expect("redirected"), [a]);
     }
 }

@@ -88,7 +88,7 @@ impl Report {
 /// may lack a working client exactly when something went wrong.
 pub async fn publish_pod_event(pod: &str, namespace: &str, reason: &str, note: &str) {
     use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-    let Ok(client) = Client::try_default().await else {
+    let Ok(client) = crate::kube_client::for_requests_inferred().await else {
         return;
     };
     let reference = k8s_openapi::api::core::v1::ObjectReference {

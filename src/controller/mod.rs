@@ -225,16 +225,20 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
     }
 }
 
-/// Runs the controller until `stop` completes (a signal, or a lost
-/// leadership), letting running reconciles finish.
+/// Runs the controller until `stop` completes (a signal), letting running
+/// reconciles finish; dropping the future aborts them instead (a lost
+/// leadership, in main). Reconciles call the
+/// API through `client`; the watches go through `watches`, whose read
+/// timeout suits them (see `crate::kube_client`).
 pub async fn run(
     client: Client,
+    watches: Client,
     scope: Scope,
     metrics: Arc<crate::metrics::Metrics>,
     agent_image: String,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api = api_for(client.clone(), &scope);
+    let api = api_for(watches.clone(), &scope);
     let owned = watcher::Config::default()
         .labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR))
         .any_semantic();
@@ -255,31 +259,31 @@ pub async fn run(
             PredicateConfig::default(),
         );
     let controller = Controller::for_stream(clusters, store)
-        .owns(owned_api::<Pod>(&client, &scope), owned.clone())
-        .owns(owned_api::<Service>(&client, &scope), owned.clone())
-        .owns(owned_api::<ConfigMap>(&client, &scope), owned.clone())
+        .owns(owned_api::<Pod>(&watches, &scope), owned.clone())
+        .owns(owned_api::<Service>(&watches, &scope), owned.clone())
+        .owns(owned_api::<ConfigMap>(&watches, &scope), owned.clone())
         .owns(
-            owned_api::<PersistentVolumeClaim>(&client, &scope),
+            owned_api::<PersistentVolumeClaim>(&watches, &scope),
             owned.clone(),
         )
         .owns(
-            owned_api::<PodDisruptionBudget>(&client, &scope),
+            owned_api::<PodDisruptionBudget>(&watches, &scope),
             owned.clone(),
         )
-        .owns(owned_api::<ServiceAccount>(&client, &scope), owned.clone())
-        .owns(owned_api::<Role>(&client, &scope), owned.clone())
-        .owns(owned_api::<RoleBinding>(&client, &scope), owned.clone())
-        .owns(owned_api::<StatefulSet>(&client, &scope), owned.clone())
+        .owns(owned_api::<ServiceAccount>(&watches, &scope), owned.clone())
+        .owns(owned_api::<Role>(&watches, &scope), owned.clone())
+        .owns(owned_api::<RoleBinding>(&watches, &scope), owned.clone())
+        .owns(owned_api::<StatefulSet>(&watches, &scope), owned.clone())
         // Listener Leases wake the controller on a new holder or epoch,
         // not on every renewal.
         .owns_stream(
-            watcher(owned_api::<Lease>(&client, &scope), owned)
+            watcher(owned_api::<Lease>(&watches, &scope), owned)
                 .default_backoff()
                 .touched_objects()
                 .predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
         );
     let ctx = Arc::new(Context {
-        client: client.clone(),
+        client,
         store: controller.store(),
         failures: Mutex::default(),
         databases: database::Databases::default(),

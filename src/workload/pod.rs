@@ -3,11 +3,12 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    ConfigMapProjection, ConfigMapVolumeSource, Container, EmptyDirVolumeSource, EnvVar,
-    EnvVarSource, HTTPGetAction, ImageVolumeSource, ObjectFieldSelector,
-    PersistentVolumeClaimVolumeSource, Pod, PodReadinessGate, PodSpec, Probe,
-    ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecurityContext, TCPSocketAction,
-    TopologySpreadConstraint, Volume, VolumeMount, VolumeProjection,
+    ConfigMapProjection, ConfigMapVolumeSource, Container, DownwardAPIProjection,
+    DownwardAPIVolumeFile, EmptyDirVolumeSource, EnvVar, EnvVarSource, HTTPGetAction,
+    ImageVolumeSource, KeyToPath, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, Pod,
+    PodReadinessGate, PodSpec, Probe, ProjectedVolumeSource, SecretKeySelector, SecretProjection,
+    SecurityContext, ServiceAccountTokenProjection, TCPSocketAction, TopologySpreadConstraint,
+    Volume, VolumeMount, VolumeProjection,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
@@ -158,6 +159,61 @@ fn field_env(name: &str, path: &str) -> EnvVar {
             }),
             ..EnvVarSource::default()
         }),
+    }
+}
+
+/// Where kube's (and client-go's) in-cluster configuration looks for the
+/// ServiceAccount token, the API server's CA and the namespace.
+const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+const API_ACCESS_VOLUME: &str = "agent-api-access";
+
+/// The volume the kubelet's automount would give every container, given
+/// here to the agent's containers only: the server runs the user's image
+/// and faces the network, and the agent's Role may patch pods.
+fn api_access_volume() -> Volume {
+    Volume {
+        name: API_ACCESS_VOLUME.into(),
+        projected: Some(ProjectedVolumeSource {
+            default_mode: Some(0o644),
+            sources: Some(vec![
+                VolumeProjection {
+                    // 3607 s as the automount asks for: the kubelet renews
+                    // the file well before expiry and kube rereads it.
+                    service_account_token: Some(ServiceAccountTokenProjection {
+                        path: "token".into(),
+                        expiration_seconds: Some(3607),
+                        audience: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    config_map: Some(ConfigMapProjection {
+                        name: "kube-root-ca.crt".into(),
+                        items: Some(vec![KeyToPath {
+                            key: "ca.crt".into(),
+                            path: "ca.crt".into(),
+                            mode: None,
+                        }]),
+                        optional: None,
+                    }),
+                    ..VolumeProjection::default()
+                },
+                VolumeProjection {
+                    downward_api: Some(DownwardAPIProjection {
+                        items: Some(vec![DownwardAPIVolumeFile {
+                            path: "namespace".into(),
+                            field_ref: Some(ObjectFieldSelector {
+                                api_version: Some("v1".into()),
+                                field_path: "metadata.namespace".into(),
+                            }),
+                            ..DownwardAPIVolumeFile::default()
+                        }]),
+                    }),
+                    ..VolumeProjection::default()
+                },
+            ]),
+        }),
+        ..Volume::default()
     }
 }
 
@@ -328,9 +384,14 @@ pub fn pod(
         .as_ref()
         .and_then(|a| a.image.clone())
         .unwrap_or_else(|| default_agent_image.to_owned());
+    // install-packages refuses sets past its own limits; this bounds what
+    // the server writes into its package directories on top.
     volumes.push(Volume {
         name: "packages".into(),
-        empty_dir: Some(EmptyDirVolumeSource::default()),
+        empty_dir: Some(EmptyDirVolumeSource {
+            size_limit: Some(Quantity(init::PACKAGE_VOLUME_LIMIT.into())),
+            medium: None,
+        }),
         ..Volume::default()
     });
     if spec.profile == Profile::WebmethodsIs {
@@ -349,12 +410,16 @@ pub fn pod(
             ..mount("packages", init::STAGING_DIR)
         });
     }
+    // install-packages publishes an Event when it fails, so it needs the
+    // token as the sidecar does.
+    volumes.push(api_access_volume());
     let mut init_mounts = vec![
         mount("config", CONFIG_DIR),
         VolumeMount {
             read_only: Some(false),
             ..mount("packages", init::STAGING_DIR)
         },
+        mount(API_ACCESS_VOLUME, SERVICE_ACCOUNT_DIR),
     ];
     for package in &spec.packages {
         if let Some(cm) = &package.source.config_map {
@@ -466,6 +531,7 @@ pub fn pod(
                 read_only: Some(true),
                 ..mount("packages", init::STAGING_DIR)
             },
+            mount(API_ACCESS_VOLUME, SERVICE_ACCOUNT_DIR),
         ]),
         security_context: Some(restricted),
         resources: Some(k8s_openapi::api::core::v1::ResourceRequirements {
@@ -514,6 +580,8 @@ pub fn pod(
         init_containers: Some(vec![install]),
         containers: vec![container, sidecar],
         service_account_name: Some(naming::agent_account(&cluster)),
+        // The agent's containers mount the token themselves.
+        automount_service_account_token: Some(false),
         volumes: Some(volumes),
         security_context: Some(stateful::restricted_pod(facts.user)),
         topology_spread_constraints: Some(vec![TopologySpreadConstraint {
@@ -770,6 +838,98 @@ mod tests {
             kafka,
             Some("/opt/softwareag/IntegrationServer/packages/WmKafkaAdapter")
         );
+    }
+
+    #[test]
+    fn only_the_agent_containers_get_the_service_account_token() {
+        const TOKEN_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        let spec = pod.spec.as_ref().expect("spec");
+        // Without this the API server's admission mounts the token into
+        // every container, the server's too.
+        assert_eq!(spec.automount_service_account_token, Some(false));
+        let token_volume = |c: &Container| {
+            c.volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == TOKEN_DIR)
+                .map(|m| (m.name.clone(), m.read_only))
+        };
+        let server = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "server")
+            .expect("server");
+        assert_eq!(
+            token_volume(server),
+            None,
+            "the server runs the user's image"
+        );
+        let agent = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "agent")
+            .expect("sidecar");
+        let install = &spec.init_containers.as_ref().expect("init")[0];
+        let (name, read_only) = token_volume(agent).expect("the agent calls the API");
+        assert_eq!(read_only, Some(true));
+        assert_eq!(
+            token_volume(install),
+            Some((name.clone(), Some(true))),
+            "install-packages publishes an Event when it fails"
+        );
+        // What the kubelet's automount projects, so kube's in-cluster
+        // configuration finds token, ca.crt and namespace.
+        let volume = spec
+            .volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .and_then(|v| v.projected.as_ref())
+            .expect("a projected volume");
+        let sources = volume.sources.as_ref().expect("sources");
+        let token = sources
+            .iter()
+            .find_map(|s| s.service_account_token.as_ref())
+            .expect("token");
+        assert_eq!(token.path, "token");
+        let ca = sources
+            .iter()
+            .find_map(|s| s.config_map.as_ref())
+            .expect("ca");
+        assert_eq!(ca.name, "kube-root-ca.crt");
+        assert_eq!(
+            ca.items
+                .as_ref()
+                .map(|i| (i[0].key.as_str(), i[0].path.as_str())),
+            Some(("ca.crt", "ca.crt"))
+        );
+        let namespace = sources
+            .iter()
+            .find_map(|s| s.downward_api.as_ref())
+            .and_then(|d| d.items.as_ref())
+            .expect("namespace");
+        assert_eq!(namespace[0].path, "namespace");
+        assert_eq!(
+            namespace[0]
+                .field_ref
+                .as_ref()
+                .map(|f| f.field_path.as_str()),
+            Some("metadata.namespace")
+        );
+    }
+
+    #[test]
+    fn the_packages_volume_is_bounded() {
+        let pod = first_pod("webmethods-is-stateful.yaml");
+        let limit = pod
+            .spec
+            .iter()
+            .flat_map(|s| s.volumes.iter().flatten())
+            .find(|v| v.name == "packages")
+            .and_then(|v| v.empty_dir.as_ref())
+            .and_then(|e| e.size_limit.clone());
+        assert_eq!(limit, Some(Quantity("2Gi".into())));
     }
 
     #[test]

@@ -78,24 +78,33 @@ pub fn package_sha256() -> String {
 pub fn ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
-        let node = kubectl_output(&[
-            "get",
-            "node",
-            NODE,
-            "-o",
-            "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
-        ]);
-        if String::from_utf8_lossy(&node.stdout) != "True" {
-            let why = "no Ready real node real-0: hack/control-plane/up starts one as root";
-            if std::env::var("INTEGRATION_E2E").as_deref() == Ok("skip") {
-                eprintln!("SKIPPED (INTEGRATION_E2E=skip): {why}");
-                return false;
-            }
-            panic!("{why} (INTEGRATION_E2E=skip skips these tests)");
+        if !real_node() {
+            return false;
         }
         install();
         true
     })
+}
+
+/// The real node is Ready; false (the run says why) when
+/// INTEGRATION_E2E=skip allows its absence.
+pub fn real_node() -> bool {
+    let node = kubectl_output(&[
+        "get",
+        "node",
+        NODE,
+        "-o",
+        "jsonpath={.status.conditions[?(@.type==\"Ready\")].status}",
+    ]);
+    if String::from_utf8_lossy(&node.stdout) != "True" {
+        let why = "no Ready real node real-0: hack/control-plane/up starts one as root";
+        if std::env::var("INTEGRATION_E2E").as_deref() == Ok("skip") {
+            eprintln!("SKIPPED (INTEGRATION_E2E=skip): {why}");
+            return false;
+        }
+        panic!("{why} (INTEGRATION_E2E=skip skips these tests)");
+    }
+    true
 }
 
 fn install() {

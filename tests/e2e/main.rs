@@ -675,3 +675,95 @@ async fn an_operator_killed_mid_rolling_change_is_finished_by_the_other_replica(
         bed::ms_since(killed)
     );
 }
+
+/// The server container runs the user's image and faces the network, and
+/// the agent's Role may patch pods: the ServiceAccount token reaches only
+/// the agent's containers, which still report. The pods come from this
+/// build's operator, a local process watching a namespace of its own, so
+/// the scenario needs no rebuilt operator image and leaves the chart's
+/// namespaces to the other scenarios.
+#[tokio::test]
+async fn only_the_agent_gets_the_service_account_token_in_a_real_pod() {
+    if !tokio::task::spawn_blocking(real_node)
+        .await
+        .expect("node check")
+    {
+        return;
+    }
+    let client = admin().await;
+    let ns = namespace(&client, "token").await;
+    let _operator = Operator::start_with(&ns, "token", &["--agent-image", OPERATOR_IMAGE]);
+    // The stand-in's start line says whether its files directory exists:
+    // pointed at the token's directory, it tells what the server sees.
+    let yaml = format!(
+        r#"apiVersion: integration.dev/v1alpha1
+kind: IntegrationCluster
+metadata: {{name: tok}}
+spec:
+  profile: generic
+  mode: stateless
+  replicas: 1
+  image: {STANDIN_IMAGE}
+  imagePullPolicy: Never
+  server:
+    ports: {{primary: 8080, diagnostic: 8081}}
+    env: {{PRIMARY_PORT: "8080", DIAGNOSTIC_PORT: "8081", STANDIN_FILES_DIR: /var/run/secrets/kubernetes.io/serviceaccount}}
+    health: {{readinessPath: /health/readiness, livenessPath: /health/liveness}}
+  {SCHEDULING}
+"#
+    );
+    create_yaml(&client, &ns, &yaml).await.expect("create");
+    let clusters: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    wait_until(Duration::from_secs(240), "tok Ready", || async {
+        let ic = clusters.get("tok").await.ok()?;
+        let status = ic.status?;
+        (status.phase == Some(Phase::Ready)).then_some(())
+    })
+    .await;
+
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let pod = pods.get("tok-0").await.expect("tok-0");
+    let annotations = pod.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("integration.dev/server-healthy")
+            .map(String::as_str),
+        Some("true"),
+        "the agent reports through the API with its token: {annotations:?}"
+    );
+    let log = kubectl(&["logs", "-n", &ns, "tok-0", "-c", "server"]);
+    let start = log
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["event"] == "start")
+        .unwrap_or_else(|| panic!("no start line in the server's log: {log}"));
+    assert_eq!(
+        start["files"], false,
+        "the server container sees /var/run/secrets/kubernetes.io/serviceaccount: {start}"
+    );
+    let spec = pod.spec.as_ref().expect("spec");
+    let token_mounted = |name: &str| {
+        spec.containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .find(|c| c.name == name)
+            .unwrap_or_else(|| panic!("container {name}"))
+            .volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.mount_path == "/var/run/secrets/kubernetes.io/serviceaccount")
+    };
+    assert!(!token_mounted("server"), "as admitted: {spec:?}");
+    assert!(token_mounted("agent"));
+    assert!(token_mounted("install-packages"));
+    // While the operator runs to remove its finalizer.
+    clusters
+        .delete("tok", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until(Duration::from_secs(60), "tok deleted", || async {
+        clusters.get_opt("tok").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    delete_namespace(&client, &ns).await;
+}

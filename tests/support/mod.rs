@@ -183,6 +183,28 @@ pub async fn kubectl_eventually(args: &[&str]) -> String {
     .await
 }
 
+/// A kubeconfig that authenticates as ServiceAccount `account` of
+/// `namespace`, with a token the API server issues for it now.
+pub fn service_account_kubeconfig(namespace: &str, account: &str) -> PathBuf {
+    let token = kubectl(&["create", "token", account, "-n", namespace, "--duration=1h"]);
+    let path = state_dir().join(format!("{}.kubeconfig", unique(account)));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\n\
+             clusters: [{{name: local, cluster: {{server: 'https://{}', certificate-authority: '{}'}}}}]\n\
+             users: [{{name: sa, user: {{token: '{}'}}}}]\n\
+             contexts: [{{name: local, context: {{cluster: local, user: sa}}}}]\n\
+             current-context: local\n",
+            api_server_address(),
+            state_dir().join("pki").join("ca.crt").display(),
+            token.trim()
+        ),
+    )
+    .expect("write kubeconfig");
+    path
+}
+
 /// The test bed PostgreSQL's superuser URL (from `postgres.env`).
 pub fn postgres_admin_url() -> String {
     let env = std::fs::read_to_string(state_dir().join("postgres.env"))
@@ -383,6 +405,14 @@ impl Operator {
         )
     }
 
+    /// The controller with extra arguments, talking to the API server
+    /// through `kubeconfig` (a ServiceAccount's, say).
+    pub fn start_via(namespace: &str, name: &str, extra: &[&str], kubeconfig: &PathBuf) -> Self {
+        let mut args = vec!["run", "--namespace", namespace];
+        args.extend_from_slice(extra);
+        Self::spawn(&format!("operator-{namespace}-{name}"), &args, kubeconfig)
+    }
+
     /// An agent impersonating `pod` (as kwok pods run no containers), with
     /// its server's hooks on `server` (host:port).
     pub fn agent(namespace: &str, pod: &str, server: &str) -> Self {
@@ -465,6 +495,12 @@ impl Operator {
             .spawn()
             .expect("start integration-operator");
         Self { child }
+    }
+
+    /// The exit code, once the process has exited (None while it runs or
+    /// when a signal ended it).
+    pub fn exit_code(&mut self) -> Option<i32> {
+        self.child.try_wait().ok().flatten().and_then(|s| s.code())
     }
 
     pub fn pid(&self) -> u32 {

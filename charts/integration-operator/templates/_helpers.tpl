@@ -27,3 +27,47 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
 {{- define "integration-operator.image" -}}
 {{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) -}}
 {{- end -}}
+
+{{/* What the operator may do in the namespaces it watches: the same rules
+as manifests/rbac.yaml (a test compares them). */}}
+{{- define "integration-operator.rules" -}}
+- apiGroups: [integration.dev]
+  resources: [integrationclusters]
+  verbs: [get, list, watch, patch, update]        # patch/update: the cleanup finalizer
+- apiGroups: [integration.dev]
+  resources: [integrationclusters/status]
+  verbs: [get, patch, update]
+- apiGroups: [""]
+  resources: [pods]
+  verbs: [get, list, watch, create, delete, patch]   # patch: the desired-state annotation for the agent
+- apiGroups: [""]
+  resources: [pods/status]
+  verbs: [patch]                                  # the integration.dev/online readiness gate
+- apiGroups: [""]
+  resources: [services, configmaps]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [""]
+  resources: [secrets]
+  verbs: [get, create, patch]                     # database admin URL (read), generated credentials (create once); no list/watch
+- apiGroups: [apps]
+  resources: [statefulsets]
+  verbs: [get, list, watch, create, patch]        # managed cache and database servers
+- apiGroups: [""]
+  resources: [persistentvolumeclaims]
+  verbs: [get, list, watch, create, patch, delete]
+- apiGroups: [""]
+  resources: [serviceaccounts]
+  verbs: [get, list, watch, create, patch]        # the agents' identity
+- apiGroups: [rbac.authorization.k8s.io]
+  resources: [roles, rolebindings]
+  verbs: [get, list, watch, create, patch]        # the agents' permissions (a subset of ours)
+- apiGroups: [policy]
+  resources: [poddisruptionbudgets]
+  verbs: [get, list, watch, create, patch]
+- apiGroups: [coordination.k8s.io]
+  resources: [leases]
+  verbs: [get, list, watch, create, patch, update]  # listener Leases: created empty; the agents' Role (get/update) is granted from here
+- apiGroups: [events.k8s.io]
+  resources: [events]
+  verbs: [create, patch]
+{{- end -}}
