@@ -524,7 +524,7 @@ async fn connect(admin: &Admin, options: &PgConnectOptions) -> Result<PgConnecti
         Err(_) => Err(DbError::deadline(
             Deadline::Connect,
             &address,
-            format!("connect: no answer within {}s", limit.as_secs()),
+            format!("no answer within {}s", limit.as_secs()),
         )),
     }
 }
