@@ -175,20 +175,55 @@ pub fn database_credentials(cluster: &str) -> String {
 
 /// PostgreSQL identifiers are at most 63 bytes.
 const PG_IDENTIFIER_MAX: usize = 63;
+/// Hex digits of the SHA-256 of `<namespace>/<cluster>` that end every
+/// database name: 64 bits, so a collision among even a million clusters on
+/// one server has a chance of about 3 in 10^8.
+const DATABASE_HASH_HEX: usize = 16;
+/// Every database name starts with this. Names of the first scheme
+/// (`ic_<namespace>_<cluster>`, which let `a-b`/`c` and `a`/`b-c` share a
+/// database) all start with `ic_`, so no new name is ever an old one.
+const DATABASE_PREFIX: &str = "icn_";
 
 /// The role and the database of a cluster on a (possibly shared) database
-/// server: `ic_<namespace>_<name>`, lower case with `-` as `_`, so two
-/// clusters never share either; too long → a prefix and a hash, like the
-/// cluster name.
+/// server: `icn_<namespace>_<cluster>_<hash>`. The readable middle (lower
+/// case, anything but letters and digits as `_`, cut to fit 63 bytes) is
+/// for people; the hash of the exact pair `<namespace>/<cluster>` (a
+/// namespace has no `/`) tells pairs apart. No mapping of every namespace
+/// and cluster name into 63 bytes can be injective (there are more pairs
+/// than identifiers), so distinctness rests on SHA-256, and the ownership
+/// marker on each role and database (`database::Owner`) stops the operator
+/// from touching one it did not make should two ever meet.
 pub fn database_role(namespace: &str, cluster: &str) -> String {
-    let raw = format!("ic_{namespace}_{cluster}")
-        .to_ascii_lowercase()
-        .replace(['-', '.'], "_");
-    if raw.len() <= PG_IDENTIFIER_MAX {
-        return raw;
-    }
-    let hash = format!("{:x}", Sha256::digest(raw.as_bytes()));
-    format!("{}_{}", &raw[..PG_IDENTIFIER_MAX - 13], &hash[..12])
+    let digest = Sha256::digest(format!("{namespace}/{cluster}").as_bytes());
+    let hash: String = digest
+        .iter()
+        .take(DATABASE_HASH_HEX / 2)
+        .map(|b| format!("{b:02x}"))
+        .collect();
+    let room = PG_IDENTIFIER_MAX - DATABASE_PREFIX.len() - 1 - DATABASE_HASH_HEX;
+    let readable: String = format!("{namespace}_{cluster}")
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .take(room)
+        .collect();
+    format!("{DATABASE_PREFIX}{readable}_{hash}")
+}
+
+/// Whether `name` could be a cluster database this operator named, under
+/// this scheme or the first one: only such a name recorded in status or
+/// the credentials Secret is kept.
+pub fn is_database_name(name: &str) -> bool {
+    name.len() <= PG_IDENTIFIER_MAX
+        && (name.starts_with(DATABASE_PREFIX) || name.starts_with("ic_"))
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
 /// The schema of one database component (ISInternal → isinternal).
@@ -205,16 +240,91 @@ mod tests {
     use super::*;
 
     #[test]
-    fn database_roles_are_per_namespace_and_bounded() {
-        assert_eq!(database_role("prod", "orders"), "ic_prod_orders");
-        assert_eq!(database_role("team-a", "my-orders"), "ic_team_a_my_orders");
-        let long = database_role(&"n".repeat(63), &"c".repeat(40));
-        assert_eq!(long.len(), 63);
-        assert_ne!(long, database_role(&"n".repeat(62), &"c".repeat(41)));
-        assert!(
-            long.chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+    fn recorded_names_are_kept_only_when_they_are_ours() {
+        assert!(is_database_name(&database_role("prod", "orders")));
+        assert!(is_database_name("ic_prod_orders"));
+        for foreign in [
+            "postgres",
+            "template1",
+            "ic_x;drop",
+            "IC_X",
+            &"ic_x".repeat(20),
+        ] {
+            assert!(!is_database_name(foreign), "{foreign}");
+        }
+    }
+
+    /// Namespaces, cluster names and pairs that stress the readable part:
+    /// dashes and periods in every position, lengths around the point where
+    /// the readable part is cut, and the longest names Kubernetes allows
+    /// (namespace 63, cluster 253).
+    fn name_pairs() -> Vec<(String, String)> {
+        let short = [
+            "a", "b", "c", "ab", "bc", "a-b", "b-c", "a-b-c", "ab-c", "a-bc", "a.b", "b.c",
+            "a.b-c", "a-b.c", "a_b", "0", "1-0", "x", "x-y", "xy",
+        ];
+        let mut names: Vec<String> = short.iter().map(|s| (*s).to_owned()).collect();
+        for n in [20, 38, 39, 40, 41, 42, 43, 44, 58, 59, 60, 61, 62, 63] {
+            names.push("n".repeat(n));
+            names.push(format!("{}-x", "n".repeat(n)));
+            names.push(format!("{}x", "n".repeat(n)));
+            names.push(format!("{}.x", "n".repeat(n)));
+        }
+        names.push("c".repeat(253));
+        names.push(format!("{}d", "c".repeat(252)));
+        let mut pairs = Vec::new();
+        for namespace in &names {
+            // A namespace is a DNS label: no periods, at most 63 characters.
+            if namespace.contains('.') || namespace.len() > 63 {
+                continue;
+            }
+            for cluster in &names {
+                pairs.push((namespace.clone(), cluster.clone()));
+            }
+        }
+        pairs
+    }
+
+    #[test]
+    fn database_names_are_injective_and_bounded() {
+        assert_ne!(
+            database_role("a-b", "c"),
+            database_role("a", "b-c"),
+            "a-b/c and a/b-c must not share a database"
         );
+        let pairs = name_pairs();
+        let mut seen: std::collections::HashMap<String, (String, String)> =
+            std::collections::HashMap::new();
+        for (namespace, cluster) in &pairs {
+            let name = database_role(namespace, cluster);
+            assert!(name.len() <= PG_IDENTIFIER_MAX, "{name} is too long");
+            assert!(
+                name.bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_'),
+                "{name} needs quoting"
+            );
+            // The old scheme's names all start with ic_: a new name never
+            // lands on a database an older operator made for someone else.
+            assert!(name.starts_with("icn_"), "{name}");
+            if let Some(other) = seen.insert(name.clone(), (namespace.clone(), cluster.clone())) {
+                panic!(
+                    "{namespace}/{cluster} and {}/{} both get {name}",
+                    other.0, other.1
+                );
+            }
+        }
+        assert_eq!(seen.len(), pairs.len());
+        assert!(pairs.len() > 3000, "{} pairs", pairs.len());
+    }
+
+    #[test]
+    fn database_names_stay_readable() {
+        let name = database_role("prod", "orders");
+        assert!(name.starts_with("icn_prod_orders_"), "{name}");
+        assert_eq!(name, database_role("prod", "orders"), "stable");
+        let long = database_role(&"n".repeat(63), &"c".repeat(253));
+        assert_eq!(long.len(), PG_IDENTIFIER_MAX);
+        assert!(long.starts_with("icn_nnnn"), "{long}");
     }
 
     #[test]

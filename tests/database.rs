@@ -139,10 +139,12 @@ async fn event_with(client: &Client, ns: &str, reason: &str, needle: &str) -> Ev
 async fn catalog(database: &str) -> Vec<String> {
     let mut conn = admin_connection("postgres").await;
     let mut rows: Vec<String> = sqlx::query_scalar(
-        "SELECT format('role %s super=%s createdb=%s createrole=%s', rolname, rolsuper, rolcreatedb, rolcreaterole)
+        "SELECT format('role %s super=%s createdb=%s createrole=%s comment=%s', rolname, rolsuper,
+                       rolcreatedb, rolcreaterole, shobj_description(oid, 'pg_authid'))
            FROM pg_roles WHERE rolname = $1
          UNION ALL
-         SELECT format('database %s owner=%s acl=%s', datname, pg_get_userbyid(datdba), datacl)
+         SELECT format('database %s owner=%s acl=%s comment=%s', datname, pg_get_userbyid(datdba),
+                       datacl, shobj_description(oid, 'pg_database'))
            FROM pg_database WHERE datname = $1",
     )
     .bind(database)
@@ -179,7 +181,7 @@ async fn provisioning_creates_an_isolated_database_and_a_second_run_changes_noth
         .expect("beta");
     let status = provisioned(&b.api, "alpha").await;
     let db = status.database.clone().expect("database status");
-    let role = format!("ic_{}_alpha", b.ns.replace('-', "_"));
+    let role = integration_operator::naming::database_role(&b.ns, "alpha");
     assert_eq!(db.schema_version, Some(database::latest_migration()));
     assert_eq!(db.database.as_deref(), Some(role.as_str()));
     assert_eq!(db.host, Some(postgres_address()));
@@ -221,14 +223,33 @@ async fn provisioning_creates_an_isolated_database_and_a_second_run_changes_noth
     };
     assert_eq!(e.code().as_deref(), Some("42501"), "{e}");
 
-    // Provisioning again with the same inputs changes nothing.
+    // Both carry the cluster's ownership marker.
+    let uid = b.api.get("alpha").await.expect("alpha").uid().expect("uid");
+    let marker = format!("integration-operator:{}/alpha:{uid}", b.ns);
     let before = catalog(&endpoint.database).await;
+    for kind in ["role", "database"] {
+        assert!(
+            before
+                .iter()
+                .any(|row| row.starts_with(&format!("{kind} {role} "))
+                    && row.ends_with(&format!("comment={marker}"))),
+            "{kind} {role} is marked: {before:?}"
+        );
+    }
+
+    // Provisioning again with the same inputs changes nothing.
     let admin = Admin::from_url(&postgres_admin_url()).expect("admin URL");
+    let owner = database::Owner {
+        namespace: b.ns.clone(),
+        cluster: "alpha".into(),
+        uid,
+    };
     let again = database::provision(
         &admin,
         &endpoint,
         &login,
         &["Orders".into(), "Audit".into()],
+        &owner,
     )
     .await
     .expect("second provisioning");
@@ -935,6 +956,765 @@ async fn managed_cache_and_database_get_their_servers_and_stateless_gets_none() 
     assert!(
         plain.items.is_empty(),
         "a stateless cluster without a database runs no StatefulSet"
+    );
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+// ---------------------------------------------------------------------------
+// Tenant isolation: names that used to collide, objects the operator did not
+// create.
+
+/// The namespaces `<x>-b` and `<x>`, each with its own operator and admin
+/// Secret: cluster `c` in the first and `b-c` in the second are the pair
+/// whose database names used to collide (`ic_<x>_b_c`).
+#[tokio::test]
+async fn clusters_whose_names_used_to_collide_get_databases_of_their_own() {
+    let client = admin().await;
+    let short = namespace(&client, "dbcol").await;
+    let long = format!("{short}-b");
+    let namespaces: Api<k8s_openapi::api::core::v1::Namespace> = Api::all(client.clone());
+    namespaces
+        .create(
+            &Default::default(),
+            &serde_json::from_value(json!({"metadata": {"name": long}})).expect("namespace"),
+        )
+        .await
+        .expect("create namespace");
+    let _operators = [Operator::start(&short), Operator::start(&long)];
+    for ns in [&short, &long] {
+        database_admin_secret(&client, ns, "db-admin", &postgres_admin_url()).await;
+    }
+    create_yaml(&client, &long, &cluster("c", "db-admin", 1, ""))
+        .await
+        .expect("c");
+    let first_api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &long);
+    provisioned(&first_api, "c").await;
+    // The second cluster comes once the first is provisioned, as a tenant
+    // creating it later would.
+    create_yaml(&client, &short, &cluster("b-c", "db-admin", 1, ""))
+        .await
+        .expect("b-c");
+    let second_api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &short);
+    let second = provisioned(&second_api, "b-c").await;
+    let first = provisioned(&first_api, "c").await;
+    let first_db = first.database.and_then(|d| d.database).expect("name");
+    let second_db = second.database.and_then(|d| d.database).expect("name");
+    assert_ne!(
+        first_db, second_db,
+        "{long}/c and {short}/b-c share a database"
+    );
+
+    // Both keep working, each in its own database.
+    for (ns, name, table) in [(&long, "c", "first"), (&short, "b-c", "second")] {
+        let (endpoint, login) = credentials(&client, ns, name).await;
+        let mut conn = role_connection(&endpoint, &login, &endpoint.database)
+            .await
+            .unwrap_or_else(|e| panic!("{ns}/{name}'s credentials open its database: {e}"));
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE TABLE orders.{table} (id int)"
+        )))
+        .execute(&mut conn)
+        .await
+        .expect("create a table");
+    }
+    let mut conn = admin_connection(&first_db).await;
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'orders' ORDER BY 1",
+    )
+    .fetch_all(&mut conn)
+    .await
+    .expect("tables");
+    assert_eq!(tables, ["first"]);
+    delete_namespace(&client, &short).await;
+    delete_namespace(&client, &long).await;
+}
+
+/// A connection as the squatter's own role.
+async fn squatter_connection(name: &str, password: &str) -> Result<PgConnection, sqlx::Error> {
+    let options: PgConnectOptions =
+        format!("postgres://{name}:{password}@{}/{name}", postgres_address())
+            .parse()
+            .expect("squatter URL");
+    PgConnection::connect_with(&options).await
+}
+
+/// A role and database with the name the operator would choose, made by
+/// someone else (no ownership marker), with data in it.
+async fn squat(name: &str, password: &str) {
+    let mut conn = admin_connection("postgres").await;
+    for sql in [
+        format!("CREATE ROLE {name} LOGIN PASSWORD '{password}'"),
+        format!("CREATE DATABASE {name} OWNER {name}"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .expect("squat");
+    }
+    let mut conn = squatter_connection(name, password)
+        .await
+        .expect("the squatter logs in");
+    sqlx::raw_sql("CREATE TABLE precious (v text); INSERT INTO precious VALUES ('mine')")
+        .execute(&mut conn)
+        .await
+        .expect("data");
+}
+
+/// What the squatter still has: its password opens the database and the
+/// data is there; no marker was added.
+async fn squatter_intact(name: &str, password: &str) {
+    let mut conn = squatter_connection(name, password)
+        .await
+        .unwrap_or_else(|e| panic!("the squatter's password no longer opens {name}: {e}"));
+    let data: Vec<String> = sqlx::query_scalar("SELECT v FROM precious")
+        .fetch_all(&mut conn)
+        .await
+        .expect("the squatter's data");
+    assert_eq!(data, ["mine"]);
+    assert_eq!(
+        markers(name).await,
+        (None, None),
+        "the operator marked {name}"
+    );
+}
+
+#[tokio::test]
+async fn a_database_the_operator_did_not_create_is_never_altered_or_dropped() {
+    let b = bed("db-squat").await;
+    let name = integration_operator::naming::database_role(&b.ns, "squat");
+    let password = "Squatters-0wn-Passw0rd";
+    squat(&name, password).await;
+    create_yaml(
+        &b.client,
+        &b.ns,
+        &cluster("squat", "db-admin", 1, "  deletionPolicy: Delete\n"),
+    )
+    .await
+    .expect("create");
+    // Whatever the operator decides, it has decided once status names the
+    // database and says whether it is ready or degraded.
+    let status = status_when(&b.api, "squat", "a database verdict", |s| {
+        s.database.as_ref().is_some_and(|d| d.ready)
+            || condition(s, "Degraded").is_some_and(|c| c.status == "True")
+    })
+    .await;
+    squatter_intact(&name, password).await;
+    let degraded = condition(&status, "Degraded").expect("Degraded");
+    assert_eq!(degraded.reason, "DatabaseNotOwned", "{}", degraded.message);
+    assert!(
+        degraded.message.contains(&name),
+        "the message names the database: {}",
+        degraded.message
+    );
+    assert!(!status.database.as_ref().is_some_and(|d| d.ready));
+    event_with(&b.client, &b.ns, "DatabaseNotOwned", &name).await;
+
+    // deletionPolicy Delete drops only what the cluster owns: nothing here.
+    b.api
+        .delete("squat", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until(WAIT, "squat gone", || async {
+        b.api
+            .get_opt("squat")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    assert_eq!(database_exists(&name).await, (true, true));
+    squatter_intact(&name, password).await;
+    let left = events(&b.client, &b.ns)
+        .await
+        .into_iter()
+        .find(|e| {
+            e.note
+                .as_deref()
+                .is_some_and(|n| n.contains("deletionPolicy Delete") && n.contains(&name))
+        })
+        .expect("an Event saying what deletion left alone");
+    assert!(
+        left.note
+            .as_deref()
+            .is_some_and(|n| n.contains("not created")),
+        "{:?}",
+        left.note
+    );
+    delete_namespace(&b.client, &b.ns).await;
+    let mut conn = admin_connection("postgres").await;
+    for sql in [
+        format!("DROP DATABASE {name} WITH (FORCE)"),
+        format!("DROP ROLE {name}"),
+    ] {
+        sqlx::query(AssertSqlSafe(sql))
+            .execute(&mut conn)
+            .await
+            .expect("clean up the squatter");
+    }
+}
+
+async fn markers(name: &str) -> (Option<String>, Option<String>) {
+    let mut conn = admin_connection("postgres").await;
+    sqlx::query_as(
+        "SELECT (SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1),
+                (SELECT shobj_description(oid, 'pg_database') FROM pg_database WHERE datname = $1)",
+    )
+    .bind(name)
+    .fetch_one(&mut conn)
+    .await
+    .expect("comments")
+}
+
+/// A cluster provisioned by an operator before ownership markers (name of
+/// the first scheme, no marker), and a cluster deleted with Retain and
+/// created again: both get their own database back, data and all, because
+/// their credentials Secret opens it.
+#[tokio::test]
+async fn a_cluster_keeps_the_database_it_already_has() {
+    let b = bed("db-keep").await;
+    // As the earlier operator left it: role, database, credentials Secret.
+    let legacy = format!("ic_{}_legacy", b.ns.replace('-', "_"));
+    let password = "0ld-0perator-Passw0rd";
+    squat(&legacy, password).await;
+    let secrets: Api<Secret> = Api::namespaced(b.client.clone(), &b.ns);
+    let secret: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "legacy-database-credentials"},
+        "stringData": {"username": legacy, "password": password, "database": legacy,
+                       "host": "127.0.0.1", "port": postgres_address().rsplit_once(':').map(|p| p.1)},
+    }))
+    .expect("secret");
+    secrets
+        .create(&Default::default(), &secret)
+        .await
+        .expect("credentials Secret");
+    create_yaml(&b.client, &b.ns, &cluster("legacy", "db-admin", 1, ""))
+        .await
+        .expect("legacy");
+    let status = provisioned(&b.api, "legacy").await;
+    assert_eq!(
+        status.database.and_then(|d| d.database).as_deref(),
+        Some(legacy.as_str())
+    );
+    let uid = b
+        .api
+        .get("legacy")
+        .await
+        .expect("legacy")
+        .uid()
+        .expect("uid");
+    let marker = format!("integration-operator:{}/legacy:{uid}", b.ns);
+    assert_eq!(markers(&legacy).await, (Some(marker.clone()), Some(marker)));
+    let mut conn = squatter_connection(&legacy, password)
+        .await
+        .expect("the password is unchanged");
+    let data: Vec<String> = sqlx::query_scalar("SELECT v FROM precious")
+        .fetch_all(&mut conn)
+        .await
+        .expect("the data is there");
+    assert_eq!(data, ["mine"]);
+
+    // Retain, then the same cluster again: same database, marked anew.
+    create_yaml(&b.client, &b.ns, &cluster("again", "db-admin", 1, ""))
+        .await
+        .expect("again");
+    let first = provisioned(&b.api, "again").await;
+    let name = first.database.and_then(|d| d.database).expect("name");
+    b.api
+        .delete("again", &DeleteParams::default())
+        .await
+        .expect("delete");
+    wait_until(WAIT, "again gone", || async {
+        b.api
+            .get_opt("again")
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    create_yaml(&b.client, &b.ns, &cluster("again", "db-admin", 1, ""))
+        .await
+        .expect("again, again");
+    let second = provisioned(&b.api, "again").await;
+    assert_eq!(second.database.and_then(|d| d.database), Some(name.clone()));
+    let uid = b.api.get("again").await.expect("again").uid().expect("uid");
+    let marker = format!("integration-operator:{}/again:{uid}", b.ns);
+    assert_eq!(markers(&name).await, (Some(marker.clone()), Some(marker)));
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+/// The operator's sessions carry statement_timeout and lock_timeout, and a
+/// passed deadline says which one it was.
+#[tokio::test]
+async fn operator_sessions_are_bounded_by_statement_and_lock_timeouts() {
+    let limits = database::Limits {
+        statement: Duration::from_secs(2),
+        lock: Duration::from_secs(1),
+        query: Duration::from_secs(4),
+        ..Default::default()
+    };
+    let admin = Admin::from_url(&postgres_admin_url())
+        .expect("admin URL")
+        .with_limits(limits);
+    let url = postgres_admin_url();
+    let options: PgConnectOptions = url.parse().expect("admin URL");
+    let (host, port) = postgres_address()
+        .rsplit_once(':')
+        .map(|(h, p)| (h.to_owned(), p.parse().expect("port")))
+        .expect("address");
+    let endpoint = Endpoint {
+        host,
+        port,
+        database: "postgres".into(),
+    };
+    let login = Login {
+        username: options.get_username().to_owned(),
+        password: url
+            .split_once("://")
+            .and_then(|(_, rest)| rest.split_once('@'))
+            .and_then(|(auth, _)| auth.split_once(':'))
+            .map(|(_, p)| p.to_owned())
+            .expect("password"),
+    };
+    let pool = database::RolePool::new(&admin, &endpoint, &login).expect("pool");
+    let settings: (String, String) = pool
+        .bounded(
+            "reading settings",
+            sqlx::query_as(
+                "SELECT current_setting('statement_timeout'), current_setting('lock_timeout')",
+            )
+            .fetch_one(pool.pool()),
+        )
+        .await
+        .expect("settings");
+    assert_eq!(settings, ("2s".to_owned(), "1s".to_owned()));
+
+    let slow = pool
+        .bounded(
+            "sleeping",
+            sqlx::query("SELECT pg_sleep(3)").execute(pool.pool()),
+        )
+        .await
+        .expect_err("statement_timeout cancels it");
+    assert_eq!(
+        slow.class,
+        database::ErrorClass::DeadlineExceeded(database::Deadline::Statement),
+        "{slow}"
+    );
+    assert!(
+        slow.to_string().contains("statement_timeout passed"),
+        "{slow}"
+    );
+
+    let table = format!("lock_probe_{}", std::process::id());
+    let mut holder = admin_connection("postgres").await;
+    sqlx::query(AssertSqlSafe(format!("CREATE TABLE {table} (id int)")))
+        .execute(&mut holder)
+        .await
+        .expect("table");
+    sqlx::raw_sql(AssertSqlSafe(format!("BEGIN; LOCK TABLE {table}")))
+        .execute(&mut holder)
+        .await
+        .expect("hold the lock");
+    let blocked = pool
+        .bounded(
+            "locking",
+            sqlx::query(AssertSqlSafe(format!("SELECT count(*) FROM {table}")))
+                .execute(pool.pool()),
+        )
+        .await
+        .expect_err("lock_timeout gives up");
+    assert_eq!(
+        blocked.class,
+        database::ErrorClass::DeadlineExceeded(database::Deadline::Lock),
+        "{blocked}"
+    );
+    sqlx::raw_sql(AssertSqlSafe(format!("ROLLBACK; DROP TABLE {table}")))
+        .execute(&mut holder)
+        .await
+        .expect("release");
+}
+
+// ---------------------------------------------------------------------------
+// Hostile database endpoints: fake PostgreSQL servers on loopback.
+
+/// How a fake server treats a connection.
+#[derive(Clone, Copy, Debug)]
+enum Hostile {
+    /// Accepts and never sends a byte.
+    Silent,
+    /// Answers the startup with a message header announcing 1 GiB, then
+    /// sends `send` bytes of it as fast as it can and waits.
+    Huge { tls: bool, send: usize },
+    /// Completes the startup, then never answers a query.
+    MuteAfterStartup,
+}
+
+const ANNOUNCED: u32 = 1 << 30;
+
+struct FakePostgres {
+    port: u16,
+    accepted: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for FakePostgres {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl FakePostgres {
+    async fn start(kind: Hostile) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let port = listener.local_addr().expect("address").port();
+        let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let count = accepted.clone();
+        let task = tokio::spawn(async move {
+            let mut sessions = tokio::task::JoinSet::new();
+            while let Ok((socket, _)) = listener.accept().await {
+                count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                sessions.spawn(hostile_session(socket, kind));
+            }
+        });
+        FakePostgres {
+            port,
+            accepted,
+            task,
+        }
+    }
+
+    /// An admin URL that leads the operator here.
+    fn url(&self, sslmode: &str) -> String {
+        format!(
+            "postgres://postgres:not-a-secret@127.0.0.1:{}/postgres?sslmode={sslmode}",
+            self.port
+        )
+    }
+
+    fn accepted(&self) -> usize {
+        self.accepted.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+fn tls_acceptor() -> tokio_rustls::TlsAcceptor {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/testdata");
+    let certs = CertificateDer::pem_file_iter(dir.join("hostile-postgres.crt"))
+        .expect("certificate")
+        .collect::<Result<Vec<_>, _>>()
+        .expect("certificate");
+    let key = PrivateKeyDer::from_pem_file(dir.join("hostile-postgres.key")).expect("key");
+    let config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocol versions")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config))
+}
+
+async fn hostile_session(mut socket: tokio::net::TcpStream, kind: Hostile) {
+    use tokio::io::AsyncReadExt;
+    if matches!(kind, Hostile::Silent) {
+        drain(socket).await;
+        return;
+    }
+    // SSLRequest first (when the client asks for TLS), then the startup.
+    loop {
+        let Ok(length) = socket.read_u32().await else {
+            return;
+        };
+        let mut body = vec![0u8; length.saturating_sub(4) as usize];
+        if socket.read_exact(&mut body).await.is_err() {
+            return;
+        }
+        if length != 8 || body != [0x04, 0xd2, 0x16, 0x2f] {
+            break;
+        }
+        let tls = matches!(kind, Hostile::Huge { tls: true, .. });
+        if write(&mut socket, if tls { b"S" } else { b"N" })
+            .await
+            .is_err()
+        {
+            return;
+        }
+        if tls {
+            let Ok(mut stream) = tls_acceptor().accept(socket).await else {
+                return;
+            };
+            // The startup message, now inside TLS.
+            let Ok(length) = stream.read_u32().await else {
+                return;
+            };
+            let mut body = vec![0u8; length.saturating_sub(4) as usize];
+            if stream.read_exact(&mut body).await.is_err() {
+                return;
+            }
+            answer(stream, kind).await;
+            return;
+        }
+    }
+    answer(socket, kind).await;
+}
+
+async fn write(
+    stream: &mut (impl tokio::io::AsyncWrite + Unpin),
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    stream.write_all(bytes).await?;
+    stream.flush().await
+}
+
+/// Reads and discards until the client goes away.
+async fn drain(mut stream: impl tokio::io::AsyncRead + Unpin) {
+    use tokio::io::AsyncReadExt;
+    let mut sink = [0u8; 4096];
+    while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+}
+
+async fn answer(
+    mut stream: impl tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    kind: Hostile,
+) {
+    match kind {
+        Hostile::Silent => {}
+        Hostile::Huge { send, .. } => {
+            // An authentication request of 1 GiB, then its body.
+            let mut header = vec![b'R'];
+            header.extend_from_slice(&(ANNOUNCED + 4).to_be_bytes());
+            if write(&mut stream, &header).await.is_err() {
+                return;
+            }
+            let chunk = vec![0u8; 64 * 1024];
+            let mut sent = 0;
+            while sent < send {
+                if write(&mut stream, &chunk).await.is_err() {
+                    return;
+                }
+                sent += chunk.len();
+            }
+        }
+        Hostile::MuteAfterStartup => {
+            // AuthenticationOk, ReadyForQuery (idle).
+            let hello = [
+                b'R', 0, 0, 0, 8, 0, 0, 0, 0, //
+                b'Z', 0, 0, 0, 5, b'I',
+            ];
+            if write(&mut stream, &hello).await.is_err() {
+                return;
+            }
+        }
+    }
+    drain(stream).await;
+}
+
+/// VmRSS of a process in KiB.
+fn rss_kib(pid: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|status| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+/// The highest VmRSS of `pid` while it runs, sampled every 5 ms: a buffer
+/// that is freed again after the error still shows.
+struct PeakRss {
+    peak: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl PeakRss {
+    fn watch(pid: String) -> Self {
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_kib(&pid)));
+        let seen = peak.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                seen.fetch_max(rss_kib(&pid), std::sync::atomic::Ordering::SeqCst);
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        });
+        PeakRss { peak, task }
+    }
+
+    fn peak_mib(&self) -> u64 {
+        self.peak.load(std::sync::atomic::Ordering::SeqCst) / 1024
+    }
+}
+
+impl Drop for PeakRss {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn some_endpoint(port: u16) -> (Endpoint, Login) {
+    (
+        Endpoint {
+            host: "127.0.0.1".into(),
+            port,
+            database: "icn_hostile".into(),
+        },
+        Login {
+            username: "icn_hostile".into(),
+            password: "not-a-secret".into(),
+        },
+    )
+}
+
+/// Provisioning against a fake server: the error, how long it took and how
+/// far this process's memory grew meanwhile.
+async fn provision_against(
+    url: &str,
+    port: u16,
+    limits: database::Limits,
+) -> (database::DbError, Duration, u64) {
+    let admin = Admin::from_url(url).expect("admin URL").with_limits(limits);
+    let owner = database::Owner {
+        namespace: "hostile".into(),
+        cluster: "hostile".into(),
+        uid: "0".into(),
+    };
+    let (endpoint, login) = some_endpoint(port);
+    let rss = PeakRss::watch("self".into());
+    let before = rss.peak_mib();
+    let started = Instant::now();
+    let outcome = tokio::time::timeout(
+        Duration::from_secs(120),
+        database::provision(&admin, &endpoint, &login, &["Orders".into()], &owner),
+    )
+    .await
+    .expect("provisioning against a hostile server must end on its own");
+    let took = started.elapsed();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let grew = rss.peak_mib().saturating_sub(before);
+    let Err(error) = outcome else {
+        panic!("provisioning against a hostile server succeeded");
+    };
+    (error, took, grew)
+}
+
+#[tokio::test]
+async fn a_huge_message_from_a_database_is_refused_without_buffering_it() {
+    for tls in [false, true] {
+        let fake = FakePostgres::start(Hostile::Huge {
+            tls,
+            send: 512 << 20,
+        })
+        .await;
+        let url = fake.url(if tls { "require" } else { "prefer" });
+        let (error, took, grew) = provision_against(&url, fake.port, Default::default()).await;
+        eprintln!("tls={tls}: {error} after {took:?}, memory grew {grew} MiB");
+        assert!(grew < 64, "tls={tls}: memory grew by {grew} MiB: {error}");
+        assert_eq!(
+            error.class.reason(),
+            "DatabaseResponseTooLarge",
+            "tls={tls}: {error}"
+        );
+        assert!(
+            error.to_string().contains(&format!("{ANNOUNCED}")),
+            "the error says what was announced: {error}"
+        );
+        assert!(took < Duration::from_secs(5), "tls={tls}: took {took:?}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_that_never_answers_is_bounded_by_deadlines() {
+    let silent = FakePostgres::start(Hostile::Silent).await;
+    let (error, took, _) =
+        provision_against(&silent.url("prefer"), silent.port, Default::default()).await;
+    assert_eq!(error.class.reason(), "DatabaseDeadlineExceeded", "{error}");
+    assert!(error.to_string().contains("connect"), "{error}");
+    assert!(took < Duration::from_secs(15), "took {took:?}");
+
+    // A server that logs in and then never answers: the operation
+    // deadline (shortened here from its 60 s) ends provisioning.
+    let mute = FakePostgres::start(Hostile::MuteAfterStartup).await;
+    let limits = database::Limits {
+        operation: Duration::from_secs(5),
+        ..Default::default()
+    };
+    let (error, took, _) = provision_against(&mute.url("disable"), mute.port, limits).await;
+    assert_eq!(error.class.reason(), "DatabaseDeadlineExceeded", "{error}");
+    assert!(
+        error
+            .to_string()
+            .contains("provisioning did not finish within 5s"),
+        "{error}"
+    );
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+}
+
+/// One operator, three clusters in one namespace: one whose database
+/// announces a huge message, one whose database never answers, and one on
+/// the real PostgreSQL.
+#[tokio::test]
+async fn a_hostile_database_does_not_hold_up_other_clusters() {
+    let huge = FakePostgres::start(Hostile::Huge {
+        tls: false,
+        send: 512 << 20,
+    })
+    .await;
+    let silent = FakePostgres::start(Hostile::Silent).await;
+    let b = bed("db-hostile").await;
+    let operator = PeakRss::watch(b._operator.pid().to_string());
+    // The operator's own working set, once it is up.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let baseline = rss_kib(&b._operator.pid().to_string()) / 1024;
+    database_admin_secret(&b.client, &b.ns, "huge", &huge.url("prefer")).await;
+    database_admin_secret(&b.client, &b.ns, "silent", &silent.url("prefer")).await;
+    let started = Instant::now();
+    for (name, secret) in [("huge", "huge"), ("silent", "silent"), ("fine", "db-admin")] {
+        create_yaml(&b.client, &b.ns, &cluster(name, secret, 1, ""))
+            .await
+            .expect("create");
+    }
+    provisioned(&b.api, "fine").await;
+    let fine_after = started.elapsed();
+    wait_until(WAIT, "a connection to the hostile server", || async {
+        (huge.accepted() > 0).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let grew = operator.peak_mib().saturating_sub(baseline);
+    assert!(grew < 100, "the operator's memory grew by {grew} MiB");
+    for (name, reason, needle) in [
+        ("huge", "DatabaseResponseTooLarge", format!("{ANNOUNCED}")),
+        ("silent", "DatabaseDeadlineExceeded", "connect".to_owned()),
+    ] {
+        let status = status_when(&b.api, name, reason, |s| {
+            condition(s, "Degraded").is_some_and(|c| c.status == "True" && c.reason == reason)
+        })
+        .await;
+        let message = &condition(&status, "Degraded").expect("Degraded").message;
+        assert!(message.contains(&needle), "{name}: {message}");
+    }
+    assert!(
+        fine_after < Duration::from_secs(30),
+        "the good cluster took {fine_after:?}"
+    );
+    // Retried with backoff (5 s, 10 s, 20 s, …), not in a hot loop.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let attempts = huge.accepted();
+    let window = started.elapsed();
+    assert!(
+        (2..=8).contains(&attempts),
+        "{attempts} connections to the hostile server in {window:?}"
     );
     delete_namespace(&b.client, &b.ns).await;
 }

@@ -97,10 +97,13 @@ async fn drop_database(ic: &IntegrationCluster, ctx: &Context) -> Option<Duratio
     )
     .await;
     let (why, hopeless) = match attempt {
-        Ok(Ok(dropped)) => {
-            if let Some(note) = dropped {
-                apply::publish(ctx, ic, EventType::Normal, "DatabaseDropped", note).await;
-            }
+        Ok(Ok(database::Dropped::Dropped(note))) => {
+            apply::publish(ctx, ic, EventType::Normal, "DatabaseDropped", note).await;
+            return None;
+        }
+        Ok(Ok(database::Dropped::Absent)) => return None,
+        Ok(Ok(database::Dropped::NotOwned(note))) => {
+            apply::publish(ctx, ic, EventType::Warning, "DatabaseNotOwned", note).await;
             return None;
         }
         // Without a usable admin Secret (deleted with the namespace, say)

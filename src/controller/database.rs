@@ -15,21 +15,23 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::ResourceExt;
 use kube::api::{Api, Patch, PostParams};
 use kube::runtime::events::EventType;
-use sqlx::PgPool;
-use sqlx::postgres::PgPoolOptions;
 use tracing::{info, warn};
 
 use super::{Context, Error, FIELD_MANAGER, RESYNC, apply, backoff, plan};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
-use crate::database::{self, Admin, DbError, Endpoint, ErrorClass, Login, Provisioned, managed};
+use crate::database::{
+    self, Admin, DbError, Endpoint, ErrorClass, Login, Owner, Provisioned, RolePool, managed,
+};
 use crate::naming;
 use crate::workload::data_meta;
 
-/// Provisioning results and connection pools, per cluster.
+/// Provisioning results and connection pools, per cluster. The locks are
+/// held only to look up or record, never across an `.await`, so one
+/// cluster's slow database never waits on or delays another's.
 #[derive(Default)]
 pub struct Databases {
     memos: Mutex<HashMap<String, Memo>>,
-    pools: Mutex<HashMap<String, (String, PgPool)>>,
+    pools: Mutex<HashMap<String, (String, RolePool)>>,
 }
 
 struct Memo {
@@ -52,7 +54,7 @@ pub struct View {
     /// When to look again because of the database.
     pub retry_in: Option<Duration>,
     /// The role's pool, for guaranteed-delivery queries.
-    pub pool: Option<PgPool>,
+    pub pool: Option<RolePool>,
 }
 
 fn secret_text(secret: &Secret, key: &str) -> Option<String> {
@@ -194,11 +196,13 @@ async fn ensure_secret(
 }
 
 /// Keeps the credentials Secret's connection keys in step with the
-/// endpoint; the password is never changed.
+/// endpoint; the password is never changed. `existing` is the Secret as
+/// just read, if it exists.
 async fn ensure_credentials(
     secrets: &Api<Secret>,
     ic: &IntegrationCluster,
     endpoint: &Endpoint,
+    existing: Option<Secret>,
 ) -> Result<(Secret, Login), Error> {
     let name = naming::database_credentials(&ic.name_any());
     let connection = BTreeMap::from([
@@ -207,17 +211,22 @@ async fn ensure_credentials(
         ("port".to_owned(), endpoint.port.to_string()),
         ("database".to_owned(), endpoint.database.clone()),
     ]);
-    let secret = ensure_secret(secrets, ic, &name, |password| {
-        let mut data = connection.clone();
-        data.insert("password".to_owned(), password);
-        Some(Secret {
-            metadata: data_meta(ic, name.clone(), "database"),
-            string_data: Some(data),
-            type_: Some("Opaque".to_owned()),
-            ..Default::default()
-        })
-    })
-    .await?;
+    let secret = match existing {
+        Some(secret) => Some(secret),
+        None => {
+            ensure_secret(secrets, ic, &name, |password| {
+                let mut data = connection.clone();
+                data.insert("password".to_owned(), password);
+                Some(Secret {
+                    metadata: data_meta(ic, name.clone(), "database"),
+                    string_data: Some(data),
+                    type_: Some("Opaque".to_owned()),
+                    ..Default::default()
+                })
+            })
+            .await?
+        }
+    };
     let Some(mut secret) = secret else {
         return Err(Error::Conflict(format!(
             "Secret {name} was deleted while it was being created; retrying"
@@ -243,6 +252,35 @@ async fn ensure_credentials(
     Ok((secret, login))
 }
 
+/// The name of the cluster's role and database: the one it already has —
+/// recorded in status, or in its credentials Secret (status can be lost; a
+/// cluster recreated after `Retain` finds its Secret) — so that a cluster
+/// provisioned under an earlier naming scheme keeps its data, else the
+/// name of the current scheme. A recorded name must look like one the
+/// operator gives; whether the role and database are the cluster's is
+/// still proven when provisioning.
+fn database_name(ic: &IntegrationCluster, credentials: Option<&Secret>) -> String {
+    let recorded = ic
+        .status
+        .as_ref()
+        .and_then(|s| s.database.as_ref())
+        .and_then(|d| d.database.clone())
+        .or_else(|| credentials.and_then(|c| secret_text(c, "database")));
+    match recorded {
+        Some(name) if naming::is_database_name(&name) => name,
+        _ => naming::database_role(&ic.namespace().unwrap_or_default(), &ic.name_any()),
+    }
+}
+
+/// Who the cluster's role and database belong to.
+fn owner(ic: &IntegrationCluster) -> Owner {
+    Owner {
+        namespace: ic.namespace().unwrap_or_default(),
+        cluster: ic.name_any(),
+        uid: ic.uid().unwrap_or_default(),
+    }
+}
+
 /// Looks at (and when due, provisions) the cluster's database.
 pub async fn observe(
     client: &kube::Client,
@@ -254,7 +292,8 @@ pub async fn observe(
     };
     let namespace = ic.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let database_name = naming::database_role(&namespace, &ic.name_any());
+    let credentials = read_secret(&secrets, &naming::database_credentials(&ic.name_any())).await?;
+    let database_name = database_name(ic, credentials.as_ref());
     let previous = ic
         .status
         .as_ref()
@@ -298,7 +337,7 @@ pub async fn observe(
         view.retry_in = Some(RESYNC.min(Duration::from_secs(30)));
         return Ok(Some(view));
     };
-    let (credentials, login) = ensure_credentials(&secrets, ic, &endpoint).await?;
+    let (credentials, login) = ensure_credentials(&secrets, ic, &endpoint, credentials).await?;
     view.status.credentials_secret = Some(credentials.name_any());
 
     let (admin, admin_version) = match admin {
@@ -319,19 +358,24 @@ pub async fn observe(
     let (outcome, retry_in, fresh) = match recent(databases, &key, &inputs) {
         Some((outcome, retry_in)) => (outcome, retry_in, false),
         None => {
-            let outcome = database::provision(&admin, &endpoint, &login, &spec.components).await;
+            let outcome =
+                database::provision(&admin, &endpoint, &login, &spec.components, &owner(ic)).await;
             let retry_in = remember(databases, &key, &inputs, &outcome);
             (outcome, retry_in, true)
         }
     };
+    let outcome = outcome.and_then(|provisioned| {
+        let pool = pool(databases, &key, &inputs, &admin, &endpoint, &login)?;
+        Ok((provisioned, pool))
+    });
     match outcome {
-        Ok(provisioned) => {
+        Ok((provisioned, pool)) => {
             view.status.ready = true;
             view.status.schema_version = provisioned.schema_version;
             if fresh {
                 view.changes = provisioned.changes;
             }
-            view.pool = Some(pool(databases, &key, &inputs, &endpoint, &login));
+            view.pool = Some(pool);
         }
         Err(problem) => {
             if fresh {
@@ -398,9 +442,10 @@ fn pool(
     databases: &Databases,
     key: &str,
     inputs: &str,
+    admin: &Admin,
     endpoint: &Endpoint,
     login: &Login,
-) -> PgPool {
+) -> Result<RolePool, DbError> {
     let mut pools = databases
         .pools
         .lock()
@@ -408,15 +453,11 @@ fn pool(
     if let Some((made_for, pool)) = pools.get(key)
         && made_for == inputs
     {
-        return pool.clone();
+        return Ok(pool.clone());
     }
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(database::CONNECT_TIMEOUT)
-        .idle_timeout(Some(Duration::from_secs(60)))
-        .connect_lazy_with(database::role_options(endpoint, login));
+    let pool = RolePool::new(admin, endpoint, login)?;
     pools.insert(key.to_owned(), (inputs.to_owned(), pool.clone()));
-    pool
+    Ok(pool)
 }
 
 /// Forgets a deleted cluster's pool and memo.
@@ -433,7 +474,7 @@ pub fn forget(databases: &Databases, ic: &IntegrationCluster) {
 /// What deletion with `deletionPolicy: Delete` drops: the cluster's
 /// database and role on an external server, as a person names them.
 pub fn drop_target(ic: &IntegrationCluster) -> String {
-    let role = naming::database_role(&ic.namespace().unwrap_or_default(), &ic.name_any());
+    let role = database_name(ic, None);
     let host = ic
         .status
         .as_ref()
@@ -444,15 +485,14 @@ pub fn drop_target(ic: &IntegrationCluster) -> String {
 }
 
 /// Drops the cluster's database and role (deletionPolicy Delete, external
-/// server). Creates nothing: the admin Secret is only read. Returns what a
-/// person should read in an Event.
+/// server). Creates nothing: the admin Secret is only read.
 pub async fn drop_database(
     client: &kube::Client,
     ic: &IntegrationCluster,
-) -> Result<Option<String>, Error> {
+) -> Result<Dropped, Error> {
     let namespace = ic.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let role = naming::database_role(&namespace, &ic.name_any());
+    let role = database_name(ic, None);
     let (admin, _) = admin(&secrets, ic, Creating::Forbidden)
         .await?
         .map_err(Error::Database)?;
@@ -461,16 +501,31 @@ pub async fn drop_database(
         port: admin.port(),
         database: role.clone(),
     };
-    let dropped = database::drop_cluster_database(&admin, &endpoint, &role)
-        .await
-        .map_err(Error::Database)?;
-    Ok((!dropped.is_empty()).then(|| {
-        format!(
+    match database::drop_cluster_database(&admin, &endpoint, &owner(ic)).await {
+        Ok(dropped) if dropped.is_empty() => Ok(Dropped::Absent),
+        Ok(dropped) => Ok(Dropped::Dropped(format!(
             "deletionPolicy Delete: dropped {} on {}",
             dropped.join(" and "),
             endpoint.address()
-        )
-    }))
+        ))),
+        // Not the cluster's: nothing of it to drop, nothing to retry.
+        Err(e) if e.class == ErrorClass::NotOwned => Ok(Dropped::NotOwned(format!(
+            "deletionPolicy Delete: left database and role {role} on {} untouched: {}",
+            endpoint.address(),
+            e.detail
+        ))),
+        Err(e) => Err(Error::Database(e)),
+    }
+}
+
+/// What deletion did to the cluster's database.
+pub enum Dropped {
+    /// Dropped; what a person should read in an Event.
+    Dropped(String),
+    /// Nothing was there.
+    Absent,
+    /// What is there carries no marker of this cluster: left alone.
+    NotOwned(String),
 }
 
 /// The Secrets that open a retained database (deletionPolicy Retain): the
@@ -524,11 +579,14 @@ pub async fn unfinished_work(
         return Some(Err(()));
     };
     Some(
-        database::gd::unfinished_by_node(pool, &removing)
-            .await
-            .map_err(|e| {
-                warn!(cluster = %ic.name_any(), error = %DbError::from_sqlx(db.status.host.as_deref().unwrap_or_default(), &e), "reading guaranteed-delivery work failed");
-            }),
+        pool.bounded(
+            "reading guaranteed-delivery work",
+            database::gd::unfinished_by_node(pool.pool(), &removing),
+        )
+        .await
+        .map_err(|e| {
+            warn!(cluster = %ic.name_any(), error = %e, "reading guaranteed-delivery work failed");
+        }),
     )
 }
 
@@ -538,7 +596,7 @@ pub async fn unfinished_work(
 pub async fn after_apply(
     ctx: &Context,
     ic: &IntegrationCluster,
-    pool: &sqlx::PgPool,
+    pool: &RolePool,
     pods: &[Pod],
     plan: &plan::Plan,
 ) -> Option<Duration> {
@@ -554,7 +612,11 @@ pub async fn after_apply(
         .as_ref()
         .map_or(120, |d| i64::from(d.lock_break_seconds));
     let mut next = None;
-    match database::gd::break_locks(pool, &live, &forced, lock_break).await {
+    let breaking = database::gd::break_locks(pool.pool(), &live, &forced, lock_break);
+    match pool
+        .bounded("breaking guaranteed-delivery locks", breaking)
+        .await
+    {
         Ok(broken) => {
             for (node, count) in &broken.released {
                 let why = if forced.contains(node) {
@@ -584,7 +646,8 @@ pub async fn after_apply(
             )
         })
         .collect();
-    if let Err(e) = database::gd::record_members(pool, &members).await {
+    let recording = database::gd::record_members(pool.pool(), &members);
+    if let Err(e) = pool.bounded("recording members", recording).await {
         warn!(cluster = %ic.name_any(), error = %e, "recording members failed");
     }
     next

@@ -1,12 +1,22 @@
 //! Idempotent provisioning of one cluster's role, database, schemas and
 //! operator tables. Every step looks before it writes, so a second run on a
 //! provisioned server changes nothing and reports no changes.
+//!
+//! Nothing is altered or dropped that is not provably the cluster's: a
+//! role or database carrying its ownership marker ([`Owner`]), or one
+//! without a marker (made before markers existed) or made for an earlier
+//! cluster of the same name, whose password the cluster's credentials
+//! Secret holds — whoever holds the password can do as much as the operator
+//! would. Anything else is reported as `NotOwned` and left alone.
 
 use sqlx::migrate::Migrator;
 use sqlx::postgres::PgConnection;
 use sqlx::{AssertSqlSafe, Executor};
 
-use super::{Admin, DbError, Endpoint, ErrorClass, Login, close, connect, ident, literal};
+use super::{
+    Admin, Claim, DbError, Endpoint, ErrorClass, Login, Owner, close, connect, ident, literal,
+    within,
+};
 use crate::naming;
 
 /// The operator's migrations, embedded at build time.
@@ -39,27 +49,46 @@ pub struct Provisioned {
 /// Makes sure the cluster's role (with `login`'s password), database,
 /// component schemas and operator tables exist, and that no other role may
 /// connect to the database. Connects as admin, then as the role itself.
+/// Ends within the admin's Limits::operation.
 pub async fn provision(
     admin: &Admin,
     endpoint: &Endpoint,
     login: &Login,
     components: &[String],
+    owner: &Owner,
+) -> Result<Provisioned, DbError> {
+    within(
+        admin,
+        "provisioning",
+        provision_now(admin, endpoint, login, components, owner),
+    )
+    .await
+}
+
+async fn provision_now(
+    admin: &Admin,
+    endpoint: &Endpoint,
+    login: &Login,
+    components: &[String],
+    owner: &Owner,
 ) -> Result<Provisioned, DbError> {
     let address = admin.address();
     let mut changes = Vec::new();
-    let mut conn = connect(&admin.options, &address).await?;
-    let result = ensure_role_and_database(&mut conn, &address, endpoint, login, &mut changes).await;
+    let mut conn = connect(admin, &admin.options).await?;
+    let result =
+        ensure_role_and_database(&mut conn, admin, endpoint, login, owner, &mut changes).await;
     close(conn).await;
     result?;
 
     let as_role = admin.as_login(login, &endpoint.database);
-    let mut conn = match connect(&as_role, &address).await {
+    let mut conn = match connect(admin, &as_role).await {
         Err(e) if e.class == ErrorClass::AuthenticationFailed => {
-            // The role exists with another password (its Secret was
-            // recreated): the Secret is the truth.
-            reset_password(admin, &address, login).await?;
+            // The role carries this cluster's marker (checked above) but
+            // has another password: its Secret was recreated, and the
+            // Secret is the truth.
+            reset_password(admin, login).await?;
             changes.push(format!("reset the password of role {}", login.username));
-            connect(&as_role, &address).await?
+            connect(admin, &as_role).await?
         }
         other => other?,
     };
@@ -72,45 +101,209 @@ pub async fn provision(
     })
 }
 
-async fn ensure_role_and_database(
+/// A role or database as the catalog shows it.
+struct Found {
+    claim: Claim,
+    /// The owning role (databases only).
+    owner: Option<String>,
+}
+
+/// The role `name` and the database `name`, when they exist.
+async fn inspect(
     conn: &mut PgConnection,
     address: &str,
+    owner: &Owner,
+    name: &str,
+) -> Result<(Option<Found>, Option<Found>), DbError> {
+    let sqlx_error = |e: sqlx::Error| DbError::from_sqlx(address, &e);
+    let role: Option<Option<String>> = sqlx::query_scalar(
+        "SELECT shobj_description(oid, 'pg_authid') FROM pg_roles WHERE rolname = $1",
+    )
+    .bind(name.to_owned())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlx_error)?;
+    let database: Option<(Option<String>, String)> = sqlx::query_as(
+        "SELECT shobj_description(oid, 'pg_database'), pg_get_userbyid(datdba)::text
+           FROM pg_database WHERE datname = $1",
+    )
+    .bind(name.to_owned())
+    .fetch_optional(&mut *conn)
+    .await
+    .map_err(sqlx_error)?;
+    Ok((
+        role.map(|comment| Found {
+            claim: owner.claim(comment.as_deref()),
+            owner: None,
+        }),
+        database.map(|(comment, by)| Found {
+            claim: owner.claim(comment.as_deref()),
+            owner: Some(by),
+        }),
+    ))
+}
+
+/// Why `kind` `name` is not the cluster's, for a person.
+fn not_owned(kind: &str, name: &str, claim: Claim, proof_failed: bool) -> String {
+    let why = match claim {
+        Claim::OtherCluster => "carries another cluster's ownership marker".to_owned(),
+        Claim::Foreign => {
+            "has a comment that is not the operator's ownership marker: it was not created by integration-operator".to_owned()
+        }
+        Claim::Predecessor => "was created for an earlier cluster of the same name".to_owned(),
+        Claim::Unmarked | Claim::Ours => {
+            "exists without the operator's ownership marker: it was not created for this cluster".to_owned()
+        }
+    };
+    let proof = if proof_failed {
+        ", and this cluster's credentials do not open it"
+    } else {
+        ""
+    };
+    format!("{kind} {name} {why}{proof}")
+}
+
+fn not_owned_error(address: &str, reasons: &[String]) -> DbError {
+    DbError::new(
+        ErrorClass::NotOwned,
+        address,
+        format!(
+            "{}; the operator does not alter or drop it (drop or rename it, or give this cluster another name)",
+            reasons.join("; ")
+        ),
+    )
+}
+
+/// Whether `login` opens `database` as its role: the proof that the
+/// cluster's credentials Secret holds the role's password.
+async fn credentials_open(admin: &Admin, login: &Login, database: &str) -> Result<bool, DbError> {
+    match connect(admin, &admin.as_login(login, database)).await {
+        Ok(conn) => {
+            close(conn).await;
+            Ok(true)
+        }
+        Err(e)
+            if matches!(
+                e.class,
+                ErrorClass::AuthenticationFailed | ErrorClass::PermissionDenied
+            ) =>
+        {
+            Ok(false)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn execute(conn: &mut PgConnection, address: &str, sql: String) -> Result<(), DbError> {
+    conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
+        .await
+        .map(|_| ())
+        .map_err(|e| DbError::from_sqlx(address, &e))
+}
+
+async fn ensure_role_and_database(
+    conn: &mut PgConnection,
+    admin: &Admin,
     endpoint: &Endpoint,
     login: &Login,
+    owner: &Owner,
     changes: &mut Vec<String>,
 ) -> Result<(), DbError> {
-    let sqlx_error = |e: sqlx::Error| DbError::from_sqlx(address, &e);
+    let address = admin.address();
+    let address = address.as_str();
     let role = &login.username;
-    let role_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-            .bind(role.to_owned())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(sqlx_error)?;
-    if !role_exists {
-        let sql = format!(
-            "CREATE ROLE {} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION",
-            ident(role),
-            literal(&login.password)
-        );
-        conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-            .await
-            .map_err(sqlx_error)?;
-        changes.push(format!("created role {role}"));
+    let database = &endpoint.database;
+    let marker = literal(&owner.marker());
+    let (found_role, found_database) = inspect(conn, address, owner, database).await?;
+
+    // Foreign markers are never overruled.
+    let mut refused = Vec::new();
+    for (kind, found) in [("role", &found_role), ("database", &found_database)] {
+        if let Some(Found {
+            claim: claim @ (Claim::OtherCluster | Claim::Foreign),
+            ..
+        }) = found
+        {
+            refused.push(not_owned(kind, database, *claim, false));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(not_owned_error(address, &refused));
+    }
+    // An unmarked or inherited role is adopted only on proof.
+    let mut role_ours = false;
+    if let Some(found) = &found_role {
+        role_ours = found.claim == Claim::Ours;
+        if !role_ours {
+            let opens = if found_database.is_some() {
+                database.as_str()
+            } else {
+                "postgres"
+            };
+            if !credentials_open(admin, login, opens).await? {
+                return Err(not_owned_error(
+                    address,
+                    &[not_owned("role", role, found.claim, true)],
+                ));
+            }
+            execute(
+                conn,
+                address,
+                format!("COMMENT ON ROLE {} IS {marker}", ident(role)),
+            )
+            .await?;
+            changes.push(format!("marked role {role} as this cluster's"));
+            role_ours = true;
+        }
+    }
+    if let Some(found) = &found_database
+        && found.claim != Claim::Ours
+    {
+        // A database owned by the cluster's role was made for it: the role
+        // cannot create databases, and only an administrator could have
+        // given it one (the operator itself, interrupted before its mark).
+        let owned_by_role = role_ours && found.owner.as_deref() == Some(role.as_str());
+        if !owned_by_role {
+            return Err(not_owned_error(
+                address,
+                &[not_owned("database", database, found.claim, false)],
+            ));
+        }
+        execute(
+            conn,
+            address,
+            format!("COMMENT ON DATABASE {} IS {marker}", ident(database)),
+        )
+        .await?;
+        changes.push(format!("marked database {database} as this cluster's"));
     }
 
-    let database = &endpoint.database;
-    let database_exists: bool =
-        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-            .bind(database.to_owned())
-            .fetch_one(&mut *conn)
-            .await
-            .map_err(sqlx_error)?;
-    if !database_exists {
-        let sql = format!("CREATE DATABASE {} OWNER {}", ident(database), ident(role));
-        conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-            .await
-            .map_err(sqlx_error)?;
+    if found_role.is_none() {
+        // One transaction: the role never exists without its marker.
+        let sql = format!(
+            "BEGIN; CREATE ROLE {role_ident} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION; COMMENT ON ROLE {role_ident} IS {marker}; COMMIT",
+            literal(&login.password),
+            role_ident = ident(role),
+        );
+        execute(conn, address, sql).await?;
+        changes.push(format!("created role {role}"));
+    }
+    if found_database.is_none() {
+        // CREATE DATABASE runs outside any transaction; an interruption
+        // before the comment leaves a database owned by the cluster's role,
+        // which the next run marks (above).
+        execute(
+            conn,
+            address,
+            format!("CREATE DATABASE {} OWNER {}", ident(database), ident(role)),
+        )
+        .await?;
+        execute(
+            conn,
+            address,
+            format!("COMMENT ON DATABASE {} IS {marker}", ident(database)),
+        )
+        .await?;
         changes.push(format!("created database {database}"));
     }
 
@@ -122,29 +315,30 @@ async fn ensure_role_and_database(
     .bind(database.to_owned())
     .fetch_one(&mut *conn)
     .await
-    .map_err(sqlx_error)?;
+    .map_err(|e| DbError::from_sqlx(address, &e))?;
     if public_may_connect {
-        let sql = format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", ident(database));
-        conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-            .await
-            .map_err(sqlx_error)?;
+        execute(
+            conn,
+            address,
+            format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", ident(database)),
+        )
+        .await?;
         changes.push(format!("revoked PUBLIC access to database {database}"));
     }
     Ok(())
 }
 
-async fn reset_password(admin: &Admin, address: &str, login: &Login) -> Result<(), DbError> {
-    let mut conn = connect(&admin.options, address).await?;
+async fn reset_password(admin: &Admin, login: &Login) -> Result<(), DbError> {
+    let address = admin.address();
+    let mut conn = connect(admin, &admin.options).await?;
     let sql = format!(
         "ALTER ROLE {} WITH PASSWORD {}",
         ident(&login.username),
         literal(&login.password)
     );
-    let result = conn.execute(sqlx::raw_sql(AssertSqlSafe(sql))).await;
+    let result = execute(&mut conn, &address, sql).await;
     close(conn).await;
     result
-        .map(|_| ())
-        .map_err(|e| DbError::from_sqlx(address, &e))
 }
 
 /// Component schemas and the operator's tables; returns the schema version.
@@ -229,46 +423,113 @@ async fn applied_version(conn: &mut PgConnection, address: &str) -> Result<Optio
 }
 
 /// `deletionPolicy: Delete`: drops the cluster's database (closing its
-/// sessions) and role. Returns what was dropped.
+/// sessions) and role, `endpoint.database` both, when they carry the
+/// owner's marker (a database without one but owned by the marked role
+/// too). Drops nothing and answers `NotOwned` when either exists without
+/// being provably the cluster's. Returns what was dropped; ends within the
+/// admin's Limits::operation.
 pub async fn drop_cluster_database(
     admin: &Admin,
     endpoint: &Endpoint,
-    role: &str,
+    owner: &Owner,
 ) -> Result<Vec<String>, DbError> {
-    let address = admin.address();
-    let mut conn = connect(&admin.options, &address).await?;
-    let result = async {
-        let sqlx_error = |e: sqlx::Error| DbError::from_sqlx(&address, &e);
-        let mut dropped = Vec::new();
-        let database_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
-                .bind(endpoint.database.clone())
-                .fetch_one(&mut conn)
-                .await
-                .map_err(sqlx_error)?;
-        if database_exists {
-            let sql = format!("DROP DATABASE {} WITH (FORCE)", ident(&endpoint.database));
-            conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-                .await
-                .map_err(sqlx_error)?;
-            dropped.push(format!("database {}", endpoint.database));
-        }
-        let role_exists: bool =
-            sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = $1)")
-                .bind(role.to_owned())
-                .fetch_one(&mut conn)
-                .await
-                .map_err(sqlx_error)?;
-        if role_exists {
-            let sql = format!("DROP ROLE {}", ident(role));
-            conn.execute(sqlx::raw_sql(AssertSqlSafe(sql)))
-                .await
-                .map_err(sqlx_error)?;
-            dropped.push(format!("role {role}"));
-        }
-        Ok(dropped)
+    within(admin, "dropping the database", async {
+        let address = admin.address();
+        let mut conn = connect(admin, &admin.options).await?;
+        let result = drop_owned(&mut conn, &address, &endpoint.database, owner).await;
+        close(conn).await;
+        result
+    })
+    .await
+}
+
+async fn drop_owned(
+    conn: &mut PgConnection,
+    address: &str,
+    name: &str,
+    owner: &Owner,
+) -> Result<Vec<String>, DbError> {
+    let (role, database) = inspect(conn, address, owner, name).await?;
+    let role_ours = role.as_ref().is_some_and(|r| r.claim == Claim::Ours);
+    let mut refused = Vec::new();
+    if let Some(found) = &role
+        && !role_ours
+    {
+        refused.push(not_owned("role", name, found.claim, false));
     }
-    .await;
-    close(conn).await;
-    result
+    if let Some(found) = &database {
+        let owned_by_role = matches!(found.claim, Claim::Unmarked)
+            && role_ours
+            && found.owner.as_deref() == Some(name);
+        if found.claim != Claim::Ours && !owned_by_role {
+            refused.push(not_owned("database", name, found.claim, false));
+        }
+    }
+    if !refused.is_empty() {
+        return Err(not_owned_error(address, &refused));
+    }
+    let mut dropped = Vec::new();
+    if database.is_some() {
+        execute(
+            conn,
+            address,
+            format!("DROP DATABASE {} WITH (FORCE)", ident(name)),
+        )
+        .await?;
+        dropped.push(format!("database {name}"));
+    }
+    if role.is_some() {
+        execute(conn, address, format!("DROP ROLE {}", ident(name))).await?;
+        dropped.push(format!("role {name}"));
+    }
+    Ok(dropped)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn owner() -> Owner {
+        Owner {
+            namespace: "team-a".into(),
+            cluster: "orders".into(),
+            uid: "1111".into(),
+        }
+    }
+
+    #[test]
+    fn only_the_exact_marker_is_ours() {
+        let me = owner();
+        assert_eq!(me.marker(), "integration-operator:team-a/orders:1111");
+        assert_eq!(me.claim(Some(&me.marker())), Claim::Ours);
+        assert_eq!(me.claim(None), Claim::Unmarked);
+        assert_eq!(me.claim(Some("")), Claim::Unmarked);
+        assert_eq!(
+            me.claim(Some("integration-operator:team-a/orders:2222")),
+            Claim::Predecessor
+        );
+        for other in [
+            "integration-operator:team-a/orders-x:1111",
+            "integration-operator:team/a-orders:1111",
+            "integration-operator:team-a/order:1111",
+        ] {
+            assert_eq!(me.claim(Some(other)), Claim::OtherCluster, "{other}");
+        }
+        assert_eq!(me.claim(Some("billing database, ask Jo")), Claim::Foreign);
+    }
+
+    #[test]
+    fn refusals_say_what_and_why() {
+        let text = not_owned("role", "icn_x", Claim::Unmarked, true);
+        assert_eq!(
+            text,
+            "role icn_x exists without the operator's ownership marker: it was not created for this cluster, and this cluster's credentials do not open it"
+        );
+        let e = not_owned_error("db:5432", &[text]);
+        assert_eq!(e.class.reason(), "DatabaseNotOwned");
+        assert!(
+            e.to_string()
+                .starts_with("database db:5432: not this cluster's: role icn_x")
+        );
+    }
 }

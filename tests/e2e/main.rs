@@ -440,7 +440,7 @@ async fn node_workflows_quiesce_a_real_server_out_of_traffic_and_resume_it_befor
 
     // remove: out of traffic, quiesced, its guaranteed-delivery work in
     // the managed database finished, then deleted.
-    let db = "ic_e2e_orders";
+    let db = &integration_operator::naming::database_role("e2e", "orders");
     psql(
         db,
         &format!(
