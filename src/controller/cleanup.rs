@@ -97,12 +97,12 @@ async fn drop_database(ic: &IntegrationCluster, ctx: &Context) -> Option<Duratio
     )
     .await;
     let (why, hopeless) = match attempt {
-        Ok(Ok(database::Dropped::Dropped(note))) => {
+        Ok(Ok(database::DropOutcome::Dropped(note))) => {
             apply::publish(ctx, ic, EventType::Normal, "DatabaseDropped", note).await;
             return None;
         }
-        Ok(Ok(database::Dropped::Absent)) => return None,
-        Ok(Ok(database::Dropped::NotOwned(note))) => {
+        Ok(Ok(database::DropOutcome::Absent)) => return None,
+        Ok(Ok(database::DropOutcome::NotOwned(note))) => {
             apply::publish(ctx, ic, EventType::Warning, "DatabaseNotOwned", note).await;
             return None;
         }

@@ -489,7 +489,7 @@ pub fn drop_target(ic: &IntegrationCluster) -> String {
 pub async fn drop_database(
     client: &kube::Client,
     ic: &IntegrationCluster,
-) -> Result<Dropped, Error> {
+) -> Result<DropOutcome, Error> {
     let namespace = ic.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let role = database_name(ic, None);
@@ -502,14 +502,14 @@ pub async fn drop_database(
         database: role.clone(),
     };
     match database::drop_cluster_database(&admin, &endpoint, &owner(ic)).await {
-        Ok(dropped) if dropped.is_empty() => Ok(Dropped::Absent),
-        Ok(dropped) => Ok(Dropped::Dropped(format!(
+        Ok(dropped) if dropped.is_empty() => Ok(DropOutcome::Absent),
+        Ok(dropped) => Ok(DropOutcome::Dropped(format!(
             "deletionPolicy Delete: dropped {} on {}",
             dropped.join(" and "),
             endpoint.address()
         ))),
         // Not the cluster's: nothing of it to drop, nothing to retry.
-        Err(e) if e.class == ErrorClass::NotOwned => Ok(Dropped::NotOwned(format!(
+        Err(e) if e.class == ErrorClass::NotOwned => Ok(DropOutcome::NotOwned(format!(
             "deletionPolicy Delete: left database and role {role} on {} untouched: {}",
             endpoint.address(),
             e.detail
@@ -519,7 +519,7 @@ pub async fn drop_database(
 }
 
 /// What deletion did to the cluster's database.
-pub enum Dropped {
+pub enum DropOutcome {
     /// Dropped; what a person should read in an Event.
     Dropped(String),
     /// Nothing was there.
