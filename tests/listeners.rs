@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant, SystemTime};
 
 use integration_operator::api::{IntegrationCluster, NodeState, Phase};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::events::v1::Event;
 use kube::Client;
 use kube::api::{Api, ListParams, Patch, PatchParams};
@@ -24,6 +25,7 @@ use support::*;
 use tokio::net::{TcpListener, TcpStream};
 
 const LEASE: Duration = Duration::from_secs(6);
+const RENEW_DEADLINE: Duration = Duration::from_secs(4);
 const RETRY: Duration = Duration::from_secs(1);
 const LISTENERS: &str = r#"[{"name":"orders-in","mode":"singleNode","target":"orders.kafka:ordersListener","leaseDurationSeconds":6,"renewDeadlineSeconds":4,"retryPeriodSeconds":1}]"#;
 const HOOKS: [&str; 6] = [
@@ -328,6 +330,390 @@ async fn a_node_taken_offline_hands_its_listener_over_before_it_is_offline() {
     );
     b.assert_never_two();
     delete_namespace(&b.client, &b.ns).await;
+}
+
+/// The node a Lease holder identity names (`<pod>` or `<pod>/<uid>`).
+fn node_of(holder: &str) -> &str {
+    holder.split('/').next().unwrap_or(holder)
+}
+
+async fn lease_holder(client: &Client, ns: &str, name: &str) -> Option<String> {
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    leases
+        .get_opt(name)
+        .await
+        .expect("read lease")
+        .and_then(|l| l.spec?.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// A cluster with one single-node listener and the agent's --listeners.
+fn single_listener(
+    cluster: &str,
+    replicas: i32,
+    listener: &str,
+    (lease, renew, retry): (i32, i32, i32),
+) -> (String, String) {
+    let yaml = format!(
+        "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata: {{name: {cluster}}}\n\
+         spec:\n  profile: generic\n  mode: stateless\n  image: srv:1\n  replicas: {replicas}\n  \
+         listeners:\n  - {{name: {listener}, mode: singleNode, leaseDurationSeconds: {lease}, \
+         renewDeadlineSeconds: {renew}, retryPeriodSeconds: {retry}}}\n"
+    );
+    let json = format!(
+        r#"[{{"name":"{listener}","mode":"singleNode","leaseDurationSeconds":{lease},"renewDeadlineSeconds":{renew},"retryPeriodSeconds":{retry}}}]"#
+    );
+    (yaml, json)
+}
+
+#[tokio::test]
+async fn clusters_whose_lease_names_once_collided_get_a_lease_each_and_cannot_touch_the_other() {
+    let client = admin().await;
+    let ns = namespace(&client, "lsn-names").await;
+    let _operator = Operator::start(&ns);
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    // Before: both were "orders-listener-listener-in".
+    let pairs = [("orders", "listener-in"), ("orders-listener", "in")];
+    let mut agents = Vec::new();
+    let mut servers = Vec::new();
+    for (cluster, listener) in pairs {
+        let (yaml, json) = single_listener(cluster, 1, listener, (6, 4, 1));
+        create_yaml(&client, &ns, &yaml).await.expect("create");
+        status_when(&api, cluster, "Ready", |s| s.phase == Some(Phase::Ready)).await;
+        let server = StandIn::start().await;
+        let mut extra = vec!["--listeners", json.as_str()];
+        extra.extend_from_slice(&HOOKS);
+        agents.push(Operator::agent_with(
+            &ns,
+            &format!("{cluster}-0"),
+            &server.address,
+            &extra,
+        ));
+        servers.push(server);
+    }
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let names: BTreeSet<String> = leases
+        .list(&ListParams::default())
+        .await
+        .expect("leases")
+        .items
+        .iter()
+        .map(kube::ResourceExt::name_any)
+        .collect();
+    let expected: BTreeSet<String> = pairs
+        .iter()
+        .map(|(c, l)| integration_operator::listeners::lease_name(c, l))
+        .collect();
+    assert_eq!(
+        names.len(),
+        2,
+        "each cluster has a Lease of its own: {names:?}"
+    );
+    assert_eq!(names, expected);
+    // Each cluster's agent holds its own Lease and its server listens.
+    for ((cluster, listener), server) in pairs.iter().zip(&servers) {
+        let name = integration_operator::listeners::lease_name(cluster, listener);
+        let node = format!("{cluster}-0");
+        wait_until(
+            Duration::from_secs(20),
+            "each agent holds its Lease",
+            || async {
+                lease_holder(&client, &ns, &name)
+                    .await
+                    .filter(|h| node_of(h) == node)
+            },
+        )
+        .await;
+        wait_until(Duration::from_secs(10), "its server listens", || async {
+            server
+                .lock()
+                .listener
+                .iter()
+                .any(|c| c.action == ListenerAction::Enable)
+                .then_some(())
+        })
+        .await;
+    }
+    // An agent's Role grants its own Lease only.
+    for (i, (cluster, listener)) in pairs.iter().enumerate() {
+        let account = format!("system:serviceaccount:{ns}:{cluster}-agent");
+        let (other, other_listener) = pairs[1 - i];
+        for (lease, expected) in [
+            (
+                integration_operator::listeners::lease_name(cluster, listener),
+                "yes",
+            ),
+            (
+                integration_operator::listeners::lease_name(other, other_listener),
+                "no",
+            ),
+        ] {
+            for verb in ["get", "update"] {
+                let out = kubectl_output(&[
+                    "auth",
+                    "can-i",
+                    verb,
+                    &format!("leases.coordination.k8s.io/{lease}"),
+                    "-n",
+                    &ns,
+                    "--as",
+                    &account,
+                ]);
+                let answer = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+                assert_eq!(answer, expected, "{account} {verb} lease {lease}");
+            }
+        }
+    }
+    drop(agents);
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn a_holder_whose_server_refuses_to_disable_keeps_the_lease_until_it_runs_out() {
+    let b = bed("lsn-refuse", None).await;
+    let old = b.holder().await;
+    let node = format!("l-{old}");
+    let lease = integration_operator::listeners::lease_name("l", "orders-in");
+    b.servers[old].lock().refuse_disable = true;
+    let asked = SystemTime::now();
+    b.api
+        .patch(
+            "l",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"spec": {"nodes": {"offline": [node]}}})),
+        )
+        .await
+        .expect("offline");
+    let refused = |i: usize| {
+        b.servers[i]
+            .lock()
+            .listener
+            .iter()
+            .filter(|c| c.refused)
+            .map(|c| c.at)
+            .collect::<Vec<_>>()
+    };
+    wait_until(Duration::from_secs(10), "a disable attempt", || async {
+        refused(old).first().copied()
+    })
+    .await;
+    let first_refusal = refused(old)[0];
+    let last_renew = b.servers[old]
+        .lock()
+        .listener
+        .iter()
+        .filter(|c| c.action != ListenerAction::Disable && c.at <= first_refusal)
+        .map(|c| c.at)
+        .max()
+        .expect("enabled before");
+    // Not released: the Lease names the node until it runs out.
+    while SystemTime::now() < last_renew + LEASE - Duration::from_millis(1500) {
+        let holder = lease_holder(&b.client, &b.ns, &lease).await;
+        assert_eq!(
+            holder.as_deref().map(node_of),
+            Some(node.as_str()),
+            "{:?} after the offline request",
+            elapsed(asked, SystemTime::now())
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // Another node starts only once the lease ran out.
+    let (_, enabled, _) = b.next_enable(old, asked, Duration::from_secs(20)).await;
+    assert!(
+        elapsed(last_renew, enabled) >= LEASE - Duration::from_millis(500),
+        "another node listened {:?} after the last renewal, the lease is {LEASE:?}",
+        elapsed(last_renew, enabled)
+    );
+    b.assert_never_two();
+    // The agent tried again within its renew deadline.
+    let attempts = refused(old);
+    let in_time = attempts
+        .iter()
+        .filter(|at| elapsed(last_renew, **at) <= RENEW_DEADLINE)
+        .count();
+    assert!(in_time >= 2, "{in_time} disable attempts: {attempts:?}");
+    // The node is Offline once another holds the listener.
+    status_when(&b.api, "l", "node Offline", |s| {
+        s.nodes
+            .iter()
+            .any(|n| n.name == node && n.state == NodeState::Offline)
+    })
+    .await;
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn a_recreated_pod_of_the_same_name_waits_for_its_predecessors_lease() {
+    const LONG: Duration = Duration::from_secs(20);
+    let client = admin().await;
+    let ns = namespace(&client, "lsn-uid").await;
+    let _operator = Operator::start(&ns);
+    let (yaml, json) = single_listener("r", 1, "orders-in", (20, 15, 1));
+    create_yaml(&client, &ns, &yaml).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "r", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let mut extra = vec!["--listeners", json.as_str()];
+    extra.extend_from_slice(&HOOKS);
+    let first = StandIn::start().await;
+    let mut agent = Operator::agent_with(&ns, "r-0", &first.address, &extra);
+    wait_until(Duration::from_secs(20), "r-0 listens", || async {
+        first
+            .lock()
+            .listener
+            .iter()
+            .any(|c| c.action == ListenerAction::Enable)
+            .then_some(())
+    })
+    .await;
+    // The pod dies with its agent (no release) and is recreated under the
+    // same name.
+    agent.signal("KILL");
+    assert!(agent.wait_exit(Duration::from_secs(5)).await);
+    let killed = SystemTime::now();
+    let before = uids(&live_pods(&client, &ns, "r", "server").await);
+    let pods: Api<k8s_openapi::api::core::v1::Pod> = Api::namespaced(client.clone(), &ns);
+    pods.delete("r-0", &kube::api::DeleteParams::default().grace_period(0))
+        .await
+        .expect("delete r-0");
+    wait_until(Duration::from_secs(30), "r-0 recreated", || async {
+        let now = uids(&live_pods(&client, &ns, "r", "server").await);
+        (now.contains_key("r-0") && now.get("r-0") != before.get("r-0")).then_some(())
+    })
+    .await;
+    let second = StandIn::start().await;
+    let _agent = Operator::agent_with(&ns, "r-0", &second.address, &extra);
+    let enabled = wait_until(Duration::from_secs(60), "the new r-0 listens", || async {
+        second
+            .lock()
+            .listener
+            .iter()
+            .find(|c| c.action == ListenerAction::Enable)
+            .map(|c| c.at)
+    })
+    .await;
+    assert!(
+        elapsed(killed, enabled) >= LONG,
+        "the new pod listened {:?} after its predecessor died, the lease is {LONG:?}",
+        elapsed(killed, enabled)
+    );
+    let spans = timeline(&[&first, &second], SystemTime::now());
+    assert!(overlaps(&spans).is_empty(), "{spans:#?}");
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn an_earlier_versions_lease_is_taken_over_with_its_holder_and_epoch() {
+    use integration_operator::listeners::{holder_node, lease_name, legacy_lease_name};
+    let client = admin().await;
+    let ns = namespace(&client, "lsn-upgrade").await;
+    let _operator = Operator::start(&ns);
+    // A paused cluster gets no Leases yet; then the Lease an earlier
+    // operator version made and its agents held.
+    create_yaml(&client, &ns, &cluster_yaml(3, "  paused: true\n"))
+        .await
+        .expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    let uid = api.get("l").await.expect("cluster").metadata.uid;
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let old_name = legacy_lease_name("l", "orders-in");
+    let old: Lease = serde_json::from_value(json!({
+        "metadata": {
+            "name": old_name,
+            "labels": {"integration.dev/cluster": "l", "app.kubernetes.io/component": "listener"},
+            "ownerReferences": [{
+                "apiVersion": "integration.dev/v1alpha1", "kind": "IntegrationCluster",
+                "name": "l", "uid": uid, "controller": true,
+            }],
+        },
+        "spec": {
+            "holderIdentity": "l-1",
+            "leaseDurationSeconds": 6,
+            "leaseTransitions": 4,
+            "renewTime": k8s_openapi::jiff::Timestamp::now().to_string(),
+        },
+    }))
+    .expect("lease");
+    leases
+        .create(&kube::api::PostParams::default(), &old)
+        .await
+        .expect("earlier lease");
+    unpause(&api).await;
+    let name = lease_name("l", "orders-in");
+    let new = wait_until(Duration::from_secs(30), "the new Lease", || async {
+        leases.get_opt(&name).await.ok().flatten()
+    })
+    .await;
+    let seen = SystemTime::now();
+    let spec = new.spec.clone().expect("taken over record");
+    assert_eq!(
+        spec.holder_identity.as_deref().map(holder_node),
+        Some("l-1")
+    );
+    assert_eq!(spec.lease_transitions, Some(4));
+    // Agents of the earlier version cannot renew the earlier Lease any more.
+    let account = format!("system:serviceaccount:{ns}:l-agent");
+    for (lease, expected) in [(&old_name, "no"), (&name, "yes")] {
+        let out = kubectl_output(&[
+            "auth",
+            "can-i",
+            "update",
+            &format!("leases.coordination.k8s.io/{lease}"),
+            "-n",
+            &ns,
+            "--as",
+            &account,
+        ]);
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout).trim(),
+            expected,
+            "{lease}"
+        );
+    }
+    // The agents wait for the earlier holder's lease to run out, then the
+    // epoch goes on from it.
+    status_when(&api, "l", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let mut servers = Vec::new();
+    let mut agents = Vec::new();
+    for i in 0..3 {
+        let server = StandIn::start().await;
+        let mut extra = vec!["--listeners", LISTENERS];
+        extra.extend_from_slice(&HOOKS);
+        agents.push(Operator::agent_with(
+            &ns,
+            &format!("l-{i}"),
+            &server.address,
+            &extra,
+        ));
+        servers.push(server);
+    }
+    let (at, epoch) = wait_until(Duration::from_secs(30), "a node listens", || async {
+        servers.iter().find_map(|s| {
+            s.lock()
+                .listener
+                .iter()
+                .find(|c| c.action == ListenerAction::Enable)
+                .map(|c| (c.at, c.epoch))
+        })
+    })
+    .await;
+    assert!(
+        elapsed(seen, at) >= LEASE,
+        "a node listened {:?} after the Lease was taken over",
+        elapsed(seen, at)
+    );
+    assert_eq!(epoch, 5);
+    drop(agents);
+    delete_namespace(&client, &ns).await;
+}
+
+async fn unpause(api: &Api<IntegrationCluster>) {
+    api.patch(
+        "l",
+        &PatchParams::default(),
+        &Patch::Merge(json!({"spec": {"paused": false}})),
+    )
+    .await
+    .expect("unpause");
 }
 
 /// A TCP proxy to the API server that a test can cut.

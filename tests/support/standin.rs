@@ -26,6 +26,9 @@ pub struct ServerState {
     pub files: std::collections::BTreeMap<String, Vec<u8>>,
     /// Listener hook calls, in order of arrival.
     pub listener: Vec<ListenerCall>,
+    /// When set, the disable hook answers 503 and the listener keeps
+    /// listening (a server that cannot be reached or refuses to stop).
+    pub refuse_disable: bool,
 }
 
 /// What a listener hook call asked.
@@ -45,6 +48,8 @@ pub struct ListenerCall {
     pub epoch: i64,
     /// Until when the server may listen without another renewal.
     pub until: Option<SystemTime>,
+    /// The server refused the call (see `refuse_disable`): nothing changed.
+    pub refused: bool,
 }
 
 /// A span during which a server listened.
@@ -74,7 +79,7 @@ pub fn timeline(servers: &[&StandIn], now: SystemTime) -> Vec<Listening> {
                     epoch,
                 });
             };
-        for call in calls {
+        for call in calls.into_iter().filter(|c| !c.refused) {
             match (call.action, open) {
                 (ListenerAction::Enable, None) => open = Some((call.at, call.until, call.epoch)),
                 (ListenerAction::Enable | ListenerAction::Renew, Some((from, until, epoch))) => {
@@ -208,6 +213,7 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
                 "/listener/renew" => ListenerAction::Renew,
                 _ => ListenerAction::Disable,
             };
+            let refused = action == ListenerAction::Disable && s.refuse_disable;
             s.listener.push(ListenerCall {
                 at: SystemTime::now(),
                 action,
@@ -216,7 +222,13 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
                 until: param("until")
                     .and_then(|u| u.parse::<u64>().ok())
                     .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                refused,
             });
+            if refused {
+                let mut response = Response::new(Full::new(Bytes::from("cannot disable")));
+                *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                return response;
+            }
             String::new()
         }
         ("GET", "/health") => "UP".into(),
