@@ -193,6 +193,9 @@ pub async fn watch(
     let (eligible_tx, eligible_rx) = tokio::sync::watch::channel(false);
     let mut listeners: Option<(Arc<Listeners>, tokio::task::JoinHandle<()>)> = None;
     let mut claims: Option<tokio::task::JoinHandle<()>> = None;
+    // The UID of the pod this agent started in: a pod of the same name with
+    // another UID is a successor, and this agent no longer contends.
+    let mut uid: Option<String> = None;
     info!(pod = pod_name, server = %hooks.address, "agent watching");
     loop {
         if *shutdown.borrow() {
@@ -214,11 +217,15 @@ pub async fn watch(
         if first {
             quiesced = Report::of(&pod).is_some_and(|r| r.quiesced);
             first = false;
+            uid = pod.metadata.uid.clone();
             let cluster = pod.labels().get(crate::naming::labels::CLUSTER).cloned();
             if let (Some(cluster), false) = (cluster, setup.specs.is_empty()) {
                 let shared = Arc::new(Listeners {
                     leases: Api::namespaced(client.clone(), namespace),
-                    me: pod_name.to_owned(),
+                    me: crate::listeners::holder_identity(
+                        pod_name,
+                        uid.as_deref().unwrap_or_default(),
+                    ),
                     cluster,
                     hooks: hooks.clone(),
                     paths: setup.paths.clone(),
@@ -245,7 +252,7 @@ pub async fn watch(
             }
         }
         eligible_tx.send_if_modified(|was| {
-            let now = online(&pod);
+            let now = online(&pod) && pod.metadata.uid == uid;
             let changed = *was != now;
             *was = now;
             changed

@@ -699,7 +699,7 @@ pub struct ExternalDatabaseSpec {
 #[x_kube(validation = Rule::new("self.leaseDurationSeconds > self.renewDeadlineSeconds && self.renewDeadlineSeconds > self.retryPeriodSeconds").message("leaseDurationSeconds must be greater than renewDeadlineSeconds, which must be greater than retryPeriodSeconds"))]
 pub struct ListenerSpec {
     /// Listener name, unique in the cluster; names the Lease
-    /// "<cluster>-listener-<name>".
+    /// "<cluster>.listener.<name>".
     #[schemars(
         length(min = 1, max = 63),
         regex(pattern = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")

@@ -52,11 +52,24 @@ where
     K::DynamicType: Default,
 {
     let name = desired.name_any();
+    let current = api.get_opt(&name).await.map_err(|source| Error::Write {
+        what: format!("{} {name}", K::kind(&K::DynamicType::default())),
+        source,
+    })?;
+    ensure_over(api, desired, current).await
+}
+
+/// Applies `desired` unless `current` (as just read) already holds it.
+async fn ensure_over<K>(api: &Api<K>, desired: &K, current: Option<K>) -> Result<bool, Error>
+where
+    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K::DynamicType: Default,
+{
+    let name = desired.name_any();
     let write = |source| Error::Write {
         what: format!("{} {name}", K::kind(&K::DynamicType::default())),
         source,
     };
-    let current = api.get_opt(&name).await.map_err(write)?;
     let mut wanted = serde_json::to_value(desired).map_err(Error::Serialize)?;
     if let Value::Object(map) = &mut wanted {
         map.insert(
@@ -118,10 +131,11 @@ pub async fn ensure_shared(
     if ensure(&pdbs, &workload::disruption_budget(ic)).await? {
         changed.push("PodDisruptionBudget");
     }
-    // Single-node listener Leases (empty until an agent holds them).
+    // Single-node listener Leases (empty until an agent holds them), after
+    // the agent Role: it no longer grants an earlier version's names.
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
-    for name in workload::listener_leases(ic) {
-        if ensure(&leases, &workload::listener_lease(ic, name)).await? {
+    for listener in workload::single_node_listeners(ic) {
+        if ensure_listener_lease(&leases, ic, listener).await? {
             changed.push("listener Lease");
         }
     }
@@ -156,6 +170,55 @@ pub async fn ensure_shared(
         info!(cluster = %ic.name_any(), ?changed, "applied shared objects");
     }
     Ok(())
+}
+
+/// A single-node listener's Lease. When it is missing but an earlier
+/// operator version's Lease of the listener is there (named by
+/// `listeners::legacy_lease_name`, a name two clusters could share), the
+/// new Lease starts from the old one's record (`listeners::taking_over`).
+/// The old one stays until the cluster is deleted (it owns it; the
+/// operator may not delete Leases), and no agent Role grants it any more.
+async fn ensure_listener_lease(
+    api: &Api<Lease>,
+    ic: &IntegrationCluster,
+    listener: &str,
+) -> Result<bool, Error> {
+    let cluster = ic.name_any();
+    let name = crate::listeners::lease_name(&cluster, listener);
+    let desired = workload::listener_lease(ic, name.clone());
+    let read = |what: &str| {
+        let what = format!("Lease {what}");
+        move |source| Error::Read { what, source }
+    };
+    let current = api.get_opt(&name).await.map_err(read(&name))?;
+    if current.is_some() {
+        return ensure_over(api, &desired, current).await;
+    }
+    let old_name = crate::listeners::legacy_lease_name(&cluster, listener);
+    let Some(old) = api.get_opt(&old_name).await.map_err(read(&old_name))? else {
+        return ensure_over(api, &desired, None).await;
+    };
+    let params = PostParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PostParams::default()
+    };
+    match api
+        .create(&params, &super::listeners::taking_over(desired, &old))
+        .await
+    {
+        Ok(_) => {}
+        // Another reconcile created it meanwhile.
+        Err(kube::Error::Api(e)) if e.code == 409 => {}
+        Err(source) => {
+            return Err(Error::Write {
+                what: format!("Lease {name}"),
+                source,
+            });
+        }
+    }
+    info!(cluster = %cluster, lease = %name, earlier = %old_name,
+        "took over an earlier version's listener Lease");
+    Ok(true)
 }
 
 /// The cluster's listener Leases.

@@ -11,20 +11,22 @@ use k8s_openapi::jiff::Timestamp;
 use kube::ResourceExt;
 
 use crate::api::{IntegrationCluster, ListenerMode, ListenerStatus};
-use crate::listeners::lease_name;
+use crate::listeners::{holder_node, lease_name};
 
 /// How stale status may show a holder's last renewal before a reconcile
 /// writes it again: renewals every few seconds must not become status
 /// writes every few seconds.
 const RENEW_TIME_RESOLUTION_SECONDS: i64 = 60;
 
-/// The holder, if its lease is still valid at `now`.
+/// The node holding the lease, if it is still valid at `now`. Holder
+/// identities carry the pod UID; status, Events and the workflows speak
+/// of nodes.
 fn valid_holder(lease: &Lease, now: Timestamp) -> Option<String> {
     let spec = lease.spec.as_ref()?;
-    let holder = spec.holder_identity.clone().filter(|h| !h.is_empty())?;
+    let holder = spec.holder_identity.as_deref().filter(|h| !h.is_empty())?;
     let renewed = spec.renew_time.as_ref()?.0;
     let duration = i64::from(spec.lease_duration_seconds.unwrap_or(15));
-    (now.as_second() < renewed.as_second() + duration).then_some(holder)
+    (now.as_second() < renewed.as_second() + duration).then(|| holder_node(holder).to_owned())
 }
 
 /// status.listeners: one entry per single-node listener, from its Lease.
@@ -97,6 +99,17 @@ pub fn handovers(before: &[ListenerStatus], after: &[ListenerStatus]) -> Vec<(St
         .collect()
 }
 
+/// A new listener Lease that takes over from an earlier operator version's
+/// Lease of the same listener: it starts from that record (holder, renew
+/// time, epoch). The agents see a holder that never renews it and wait a
+/// whole lease duration before they take it, so an agent of the earlier
+/// version, which its Role no longer lets renew the old Lease, has passed
+/// its renew deadline and stopped listening by then; epochs keep growing.
+pub fn taking_over(mut new: Lease, old: &Lease) -> Lease {
+    new.spec.clone_from(&old.spec);
+    new
+}
+
 /// Nodes holding a valid listener lease now.
 pub fn holders(leases: &[Lease], now: Timestamp) -> Vec<String> {
     leases.iter().filter_map(|l| valid_holder(l, now)).collect()
@@ -144,6 +157,36 @@ mod tests {
         let old = Timestamp::from_second(now.as_second() - 16).expect("time");
         assert_eq!(valid_holder(&lease("o-1", old, 1), now), None);
         assert_eq!(valid_holder(&lease("", now, 1), now), None);
+    }
+
+    #[test]
+    fn status_and_holders_name_the_node_of_a_holder_identity() {
+        let now = Timestamp::now();
+        let identity = crate::listeners::holder_identity("o-1", "5f0c");
+        let held = lease(&identity, now, 2);
+        assert_eq!(holders(std::slice::from_ref(&held), now), ["o-1"]);
+        let spec = serde_saphyr::from_str(
+            "profile: generic\nmode: stateless\nimage: s\nreplicas: 2\nlisteners: [{name: in, mode: singleNode}]\n",
+        )
+        .expect("spec");
+        let ic = IntegrationCluster::new("o", spec);
+        let mut held = held;
+        held.metadata.name = Some(lease_name("o", "in"));
+        let status = statuses(&ic, &[held], now);
+        assert_eq!(status[0].holder.as_deref(), Some("o-1"));
+    }
+
+    #[test]
+    fn a_lease_taking_over_from_an_earlier_versions_keeps_its_holder_and_epoch() {
+        let now = Timestamp::now();
+        let old = lease("o-1", now, 7);
+        let mut new = lease("", now, 0);
+        new.spec = None;
+        new.metadata.name = Some(lease_name("o", "in"));
+        let taken = taking_over(new, &old);
+        assert_eq!(taken.metadata.name.as_deref(), Some("o.listener.in"));
+        assert_eq!(holders(std::slice::from_ref(&taken), now), ["o-1"]);
+        assert_eq!(taken.spec.and_then(|s| s.lease_transitions), Some(7));
     }
 
     #[test]

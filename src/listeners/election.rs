@@ -90,6 +90,42 @@ pub fn listen_until(renew_started: SystemTime, timings: &Timings) -> SystemTime 
     renew_started + timings.renew_deadline
 }
 
+/// How a listener's disable ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Disable {
+    Confirmed,
+    Unconfirmed,
+}
+
+/// What a holder that stepped down does with the Lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AfterStepDown {
+    Release,
+    LetExpire,
+}
+
+/// A holder that stopped listening releases the Lease (so the next node
+/// starts within a retry period) only when its server confirmed the
+/// disable. Otherwise the server may still listen, and the Lease is left
+/// to run out: nobody takes it over before a whole lease duration after
+/// the last renewal, by which time the server's `until` has passed.
+pub fn after_step_down(disable: Disable) -> AfterStepDown {
+    match disable {
+        Disable::Confirmed => AfterStepDown::Release,
+        Disable::Unconfirmed => AfterStepDown::LetExpire,
+    }
+}
+
+/// The pause before another attempt at a failed disable, or None when the
+/// `deadline` (the holder's renew deadline) has come: attempts go on until
+/// then, and the last one starts at the deadline at the latest.
+pub fn retry_disable(now: Instant, deadline: Instant, pause: Duration) -> Option<Duration> {
+    let left = deadline
+        .checked_duration_since(now)
+        .filter(|d| !d.is_zero())?;
+    Some(pause.min(left))
+}
+
 /// Milliseconds since the Unix epoch, as the hooks carry times.
 pub fn unix_millis(t: SystemTime) -> u128 {
     t.duration_since(SystemTime::UNIX_EPOCH)
@@ -127,6 +163,40 @@ mod tests {
         let later = |s| seen + Duration::from_secs(s);
         assert_eq!(next("a", &held("b"), seen, later(14)), Next::Wait);
         assert_eq!(next("a", &held("b"), seen, later(15)), Next::Acquire);
+    }
+
+    #[test]
+    fn a_lease_is_released_only_when_the_server_confirmed_the_disable() {
+        assert_eq!(after_step_down(Disable::Confirmed), AfterStepDown::Release);
+        assert_eq!(
+            after_step_down(Disable::Unconfirmed),
+            AfterStepDown::LetExpire
+        );
+    }
+
+    #[test]
+    fn a_failed_disable_is_retried_until_the_renew_deadline_and_not_after() {
+        let now = Instant::now();
+        let pause = Duration::from_millis(250);
+        let deadline = now + Duration::from_secs(4);
+        assert_eq!(retry_disable(now, deadline, pause), Some(pause));
+        // The last attempt starts at the deadline at the latest.
+        let late = deadline - Duration::from_millis(100);
+        assert_eq!(
+            retry_disable(late, deadline, pause),
+            Some(Duration::from_millis(100))
+        );
+        assert_eq!(retry_disable(deadline, deadline, pause), None);
+        assert_eq!(retry_disable(deadline + pause, deadline, pause), None);
+    }
+
+    #[test]
+    fn a_recreated_pod_does_not_renew_its_predecessors_lease() {
+        let now = Instant::now();
+        let old = crate::listeners::holder_identity("l-0", "8d1c");
+        let new = crate::listeners::holder_identity("l-0", "f00d");
+        assert_eq!(next(&new, &held(&old), now, now), Next::Wait);
+        assert_eq!(next(&old, &held(&old), now, now), Next::Renew);
     }
 
     #[test]

@@ -58,14 +58,20 @@ pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
     }
 }
 
-/// The Lease names of the cluster's single-node listeners.
-pub fn listener_leases(ic: &IntegrationCluster) -> Vec<String> {
-    let cluster = ic.metadata.name.as_deref().unwrap_or_default();
+/// The names of the cluster's single-node listeners.
+pub fn single_node_listeners(ic: &IntegrationCluster) -> impl Iterator<Item = &str> {
     ic.spec
         .listeners
         .iter()
         .filter(|l| l.mode == ListenerMode::SingleNode)
-        .map(|l| crate::listeners::lease_name(cluster, &l.name))
+        .map(|l| l.name.as_str())
+}
+
+/// The Lease names of the cluster's single-node listeners.
+pub fn listener_leases(ic: &IntegrationCluster) -> Vec<String> {
+    let cluster = ic.metadata.name.as_deref().unwrap_or_default();
+    single_node_listeners(ic)
+        .map(|l| crate::listeners::lease_name(cluster, l))
         .collect()
 }
 
@@ -120,7 +126,7 @@ mod tests {
         );
         assert_eq!(
             rules[1].resource_names.as_deref(),
-            Some(&["c-listener-in".to_owned()][..])
+            Some(&["c.listener.in".to_owned()][..])
         );
         // No listeners and no nodes: no pod or lease rule at all (an empty
         // resourceNames would grant every object).

@@ -7,7 +7,10 @@ mod pod;
 mod services;
 pub mod stateful;
 
-pub use agent_access::{agent_account, agent_binding, agent_role, listener_lease, listener_leases};
+pub use agent_access::{
+    agent_account, agent_binding, agent_role, listener_lease, listener_leases,
+    single_node_listeners,
+};
 pub use pod::{AGENT_IMAGE, containers_ready, digests_of, is_online, is_ready, pod};
 pub use services::{admin_service, client_service, config_map, data_claim, disruption_budget};
 

@@ -570,11 +570,14 @@ async fn a_single_node_listener_moves_when_its_holder_dies_or_is_deleted() {
     };
     ensure(&client, "catalog").await;
     let logs = ServerLogs::start(&client, "integration.dev/cluster=catalog");
-    let lease = "catalog-listener-orders-in";
+    let lease = &integration_operator::listeners::lease_name("catalog", "orders-in");
     let pods: Api<Pod> = Api::namespaced(client.clone(), NS);
     for how in ["SIGKILL of its containers", "deletion of its pod"] {
-        let holder = wait_until(Duration::from_secs(60), "a holder", || {
+        // The holder identity is `<pod>/<pod uid>`.
+        let holder = wait_until(Duration::from_secs(60), "a holder", || async {
             lease_holder(&client, NS, lease)
+                .await
+                .map(|h| integration_operator::listeners::holder_node(&h).to_owned())
         })
         .await;
         logs.when(&holder, "listener-enable", 0, Duration::from_secs(30))

@@ -26,6 +26,11 @@ pub struct ServerState {
     pub files: std::collections::BTreeMap<String, Vec<u8>>,
     /// Listener hook calls, in order of arrival.
     pub listener: Vec<ListenerCall>,
+    /// When set, the disable hook answers 503 and the listener keeps
+    /// listening (a server that cannot be reached or refuses to stop).
+    pub refuse_disable: bool,
+    /// Messages of multi-node listeners this server processed (claimed).
+    pub processed: Vec<String>,
 }
 
 /// What a listener hook call asked.
@@ -45,6 +50,8 @@ pub struct ListenerCall {
     pub epoch: i64,
     /// Until when the server may listen without another renewal.
     pub until: Option<SystemTime>,
+    /// The server refused the call (see `refuse_disable`): nothing changed.
+    pub refused: bool,
 }
 
 /// A span during which a server listened.
@@ -74,7 +81,7 @@ pub fn timeline(servers: &[&StandIn], now: SystemTime) -> Vec<Listening> {
                     epoch,
                 });
             };
-        for call in calls {
+        for call in calls.into_iter().filter(|c| !c.refused) {
             match (call.action, open) {
                 (ListenerAction::Enable, None) => open = Some((call.at, call.until, call.epoch)),
                 (ListenerAction::Enable | ListenerAction::Renew, Some((from, until, epoch))) => {
@@ -208,6 +215,7 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
                 "/listener/renew" => ListenerAction::Renew,
                 _ => ListenerAction::Disable,
             };
+            let refused = action == ListenerAction::Disable && s.refuse_disable;
             s.listener.push(ListenerCall {
                 at: SystemTime::now(),
                 action,
@@ -216,7 +224,13 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
                 until: param("until")
                     .and_then(|u| u.parse::<u64>().ok())
                     .map(|ms| SystemTime::UNIX_EPOCH + Duration::from_millis(ms)),
+                refused,
             });
+            if refused {
+                let mut response = Response::new(Full::new(Bytes::from("cannot disable")));
+                *response.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                return response;
+            }
             String::new()
         }
         ("GET", "/health") => "UP".into(),
@@ -230,4 +244,107 @@ fn answer<B>(state: &Mutex<ServerState>, request: &Request<B>) -> Response<Full<
         }
     };
     Response::new(Full::new(Bytes::from(body)))
+}
+
+/// A server's side of the multi-node claim protocol: the agent's claim
+/// endpoint on the pod's loopback (`--claim-address`).
+#[derive(Clone)]
+pub struct Claims {
+    pub address: String,
+    http: hyper_util::client::legacy::Client<
+        hyper_util::client::legacy::connect::HttpConnector,
+        http_body_util::Empty<Bytes>,
+    >,
+}
+
+/// What a claim or complete call answered.
+#[derive(Clone, Debug)]
+pub struct ClaimAnswer {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ClaimAnswer {
+    /// A field of the JSON answer.
+    pub fn field(&self, key: &str) -> Option<serde_json::Value> {
+        serde_json::from_str::<serde_json::Value>(&self.body)
+            .ok()?
+            .get(key)
+            .cloned()
+    }
+}
+
+impl Claims {
+    pub fn new(address: &str) -> Self {
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        Self {
+            address: address.to_owned(),
+            http,
+        }
+    }
+
+    async fn post(&self, path_and_query: &str) -> ClaimAnswer {
+        use http_body_util::BodyExt;
+        let uri: hyper::Uri = format!("http://{}{path_and_query}", self.address)
+            .parse()
+            .expect("uri");
+        let request = hyper::Request::post(uri)
+            .body(http_body_util::Empty::new())
+            .expect("request");
+        let response = match self.http.request(request).await {
+            Ok(response) => response,
+            // Not listening (yet): status 0, as no HTTP status is.
+            Err(e) => {
+                return ClaimAnswer {
+                    status: 0,
+                    body: e.to_string(),
+                };
+            }
+        };
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map(|b| String::from_utf8_lossy(&b.to_bytes()).into_owned())
+            .unwrap_or_default();
+        ClaimAnswer { status, body }
+    }
+
+    /// Claims message `id` of `listener`, for `lease` if given.
+    pub async fn claim(&self, listener: &str, id: &str, lease: Option<u64>) -> ClaimAnswer {
+        let lease = lease.map_or_else(String::new, |s| format!("&leaseSeconds={s}"));
+        self.post(&format!("/claim?listener={listener}&id={id}{lease}"))
+            .await
+    }
+
+    /// Reports message `id` processed under the claim's `attempt`.
+    pub async fn complete(&self, listener: &str, id: &str, attempt: i64) -> ClaimAnswer {
+        self.post(&format!(
+            "/complete?listener={listener}&id={id}&attempt={attempt}"
+        ))
+        .await
+    }
+}
+
+impl StandIn {
+    /// A message of `listener` delivered to this server: it claims the
+    /// message, processes it (records it) and completes the claim, as a
+    /// server of a multi-node listener does. Returns the claim's answer.
+    pub async fn deliver(&self, claims: &Claims, listener: &str, id: &str) -> ClaimAnswer {
+        let claimed = claims.claim(listener, id, None).await;
+        if claimed.status != 200 {
+            return claimed;
+        }
+        self.lock().processed.push(id.to_owned());
+        let attempt = claimed
+            .field("attempt")
+            .and_then(|a| a.as_i64())
+            .expect("a granted claim names its attempt");
+        let completed = claims.complete(listener, id, attempt).await;
+        assert_eq!(completed.status, 200, "completing {id}: {completed:?}");
+        claimed
+    }
 }
