@@ -21,12 +21,22 @@ pub fn record_of(lease: &Lease) -> Record {
     }
 }
 
+/// Writes name their writer (the operator or an agent): without a field
+/// manager the API server records "unknown".
+fn params(manager: &str) -> PostParams {
+    PostParams {
+        field_manager: Some(manager.to_owned()),
+        ..PostParams::default()
+    }
+}
+
 /// Renews or acquires `lease` (as read, with its resourceVersion) for `me`
 /// with `transitions`; false when another writer came first or the API did
 /// not answer within a retry period.
 pub async fn write(
     api: &Api<Lease>,
     mut lease: Lease,
+    manager: &str,
     me: &str,
     transitions: i32,
     timings: &Timings,
@@ -41,12 +51,7 @@ pub async fn write(
     spec.lease_duration_seconds = Some(i32::try_from(timings.lease.as_secs()).unwrap_or(15));
     spec.renew_time = Some(now);
     let name = lease.metadata.name.clone().unwrap_or_default();
-    match tokio::time::timeout(
-        timings.retry,
-        api.replace(&name, &PostParams::default(), &lease),
-    )
-    .await
-    {
+    match tokio::time::timeout(timings.retry, api.replace(&name, &params(manager), &lease)).await {
         Ok(Ok(_)) => true,
         Ok(Err(kube::Error::Api(e))) if e.code == 409 => false,
         Ok(Err(e)) => {
@@ -62,17 +67,12 @@ pub async fn write(
 
 /// Gives the Lease up at once (no holder), so the next contender takes it
 /// on its next retry instead of waiting for expiry.
-pub async fn release(api: &Api<Lease>, mut lease: Lease, timings: &Timings) {
+pub async fn release(api: &Api<Lease>, mut lease: Lease, manager: &str, timings: &Timings) {
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = None;
     spec.renew_time = Some(MicroTime(Timestamp::now()));
     let name = lease.metadata.name.clone().unwrap_or_default();
-    match tokio::time::timeout(
-        timings.retry,
-        api.replace(&name, &PostParams::default(), &lease),
-    )
-    .await
-    {
+    match tokio::time::timeout(timings.retry, api.replace(&name, &params(manager), &lease)).await {
         Ok(Ok(_)) => info!(lease = %name, "released"),
         Ok(Err(e)) => warn!(lease = %name, error = %e, "releasing the lease failed"),
         Err(_) => warn!(lease = %name, "releasing the lease timed out"),

@@ -20,6 +20,16 @@ use crate::listeners::{ListenerHooks, Listeners};
 use crate::naming::annotations;
 use hooks::Hooks;
 
+/// Field manager of the agent's writes (its pod's report, listener Leases).
+pub const FIELD_MANAGER: &str = "integration-agent";
+
+fn patch_params() -> PatchParams {
+    PatchParams {
+        field_manager: Some(FIELD_MANAGER.to_owned()),
+        ..PatchParams::default()
+    }
+}
+
 /// Why the agent stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -308,7 +318,7 @@ pub async fn watch(
         if Report::of(&pod).as_ref() != Some(&report) {
             let patch = serde_json::json!({"metadata": {"annotations": report.annotations()}});
             if let Err(e) = pods
-                .patch(pod_name, &PatchParams::default(), &Patch::Merge(&patch))
+                .patch(pod_name, &patch_params(), &Patch::Merge(&patch))
                 .await
             {
                 warn!(pod = pod_name, error = %e, "reporting failed");

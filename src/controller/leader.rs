@@ -55,7 +55,17 @@ impl LeaderElection {
                     },
                     spec: None,
                 };
-                match self.api.create(&PostParams::default(), &empty).await {
+                match self
+                    .api
+                    .create(
+                        &PostParams {
+                            field_manager: Some(super::FIELD_MANAGER.to_owned()),
+                            ..PostParams::default()
+                        },
+                        &empty,
+                    )
+                    .await
+                {
                     Ok(created) => Some(created),
                     // Another replica created it first: read it next time.
                     Err(kube::Error::Api(e)) if e.code == 409 => None,
@@ -93,6 +103,7 @@ impl LeaderElection {
                     if lease::write(
                         &self.api,
                         current,
+                        super::FIELD_MANAGER,
                         &self.me,
                         record.transitions + 1,
                         &self.timings,
@@ -145,6 +156,7 @@ impl LeaderElection {
             if lease::write(
                 &self.api,
                 current,
+                super::FIELD_MANAGER,
                 &self.me,
                 record.transitions,
                 &self.timings,
@@ -161,7 +173,7 @@ impl LeaderElection {
         if let Some(current) = self.read().await
             && lease::record_of(&current).holder.as_deref() == Some(self.me.as_str())
         {
-            lease::release(&self.api, current, &self.timings).await;
+            lease::release(&self.api, current, super::FIELD_MANAGER, &self.timings).await;
         }
     }
 }

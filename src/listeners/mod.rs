@@ -270,7 +270,13 @@ async fn single(
                 if !wanted {
                     let disabled = step_down(listeners, spec, &mut fence, &timings).await;
                     if mine && election::after_step_down(disabled) == AfterStepDown::Release {
-                        crate::lease::release(&listeners.leases, lease, &timings).await;
+                        crate::lease::release(
+                            &listeners.leases,
+                            lease,
+                            crate::agent::FIELD_MANAGER,
+                            &timings,
+                        )
+                        .await;
                     }
                 } else {
                     match election::next(me, &record, observed_at, Instant::now()) {
@@ -291,9 +297,15 @@ async fn single(
                             };
                             let started = Instant::now();
                             let wall = SystemTime::now();
-                            let written =
-                                crate::lease::write(&listeners.leases, lease, me, epoch, &timings)
-                                    .await;
+                            let written = crate::lease::write(
+                                &listeners.leases,
+                                lease,
+                                crate::agent::FIELD_MANAGER,
+                                me,
+                                epoch,
+                                &timings,
+                            )
+                            .await;
                             if written
                                 && !election::must_step_down(started, Instant::now(), &timings)
                             {
