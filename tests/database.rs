@@ -667,14 +667,18 @@ async fn removal_waits_until_the_node_owns_no_guaranteed_delivery_work() {
             .expect("get")
             .is_none_or(|p| p.metadata.deletion_timestamp.is_some())
     );
-    // The member list in the database follows status.
-    let state: String = sqlx::query_scalar(
-        "SELECT state FROM integration_operator.cluster_members WHERE node = 'gd-2'",
-    )
-    .fetch_one(&pool)
-    .await
-    .expect("member row");
-    assert_eq!(state, "Removed");
+    // The member list in the database follows status (it is written after
+    // the reconcile's actions, so a moment after status).
+    wait_until(WAIT, "the member row of gd-2 says Removed", || async {
+        let state: String = sqlx::query_scalar(
+            "SELECT state FROM integration_operator.cluster_members WHERE node = 'gd-2'",
+        )
+        .fetch_one(&pool)
+        .await
+        .ok()?;
+        (state == "Removed").then_some(())
+    })
+    .await;
     delete_namespace(&b.client, &b.ns).await;
 }
 
