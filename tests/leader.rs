@@ -149,28 +149,6 @@ async fn one_replica_leads_and_a_standby_takes_over() {
     delete_namespace(&client, &ns).await;
 }
 
-/// Where the audit log ends now: a test reads only what follows.
-fn audit_end() -> u64 {
-    std::fs::metadata(state_dir().join("audit.log")).map_or(0, |m| m.len())
-}
-
-/// The completed requests on objects of `ns` logged since `from` (the
-/// log is shared by every test, and large).
-fn audit_events(from: u64, ns: &str) -> Vec<serde_json::Value> {
-    use std::io::{Read, Seek};
-    let mut file = std::fs::File::open(state_dir().join("audit.log")).expect("open audit log");
-    file.seek(std::io::SeekFrom::Start(from))
-        .expect("seek audit log");
-    let mut text = String::new();
-    file.read_to_string(&mut text).expect("read audit log");
-    let marker = format!("\"namespace\":\"{ns}\"");
-    text.lines()
-        .filter(|line| line.contains(&marker))
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|e| e["stage"] == "ResponseComplete" && e["objectRef"]["namespace"] == ns)
-        .collect()
-}
-
 /// Successful writes of the operator's user among `events` that the API
 /// server received after `after` (its own timestamps: RFC 3339 with
 /// microseconds, which compare as text), as "verb resource/subresource".
@@ -186,15 +164,7 @@ fn operator_writes_after(events: &[serde_json::Value], after: &str) -> Vec<Strin
                     .as_str()
                     .is_some_and(|t| t > after)
         })
-        .map(|e| {
-            format!(
-                "{} {}/{} {}",
-                e["verb"].as_str().unwrap_or_default(),
-                e["objectRef"]["resource"].as_str().unwrap_or_default(),
-                e["objectRef"]["subresource"].as_str().unwrap_or_default(),
-                e["objectRef"]["name"].as_str().unwrap_or_default()
-            )
-        })
+        .map(audit_request)
         .collect()
 }
 
@@ -266,7 +236,7 @@ async fn a_leader_that_loses_its_lease_stops_writing_at_once() {
     let exited = leader.wait_exit(Duration::from_secs(15)).await;
     let exit_after = lost.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let events = audit_events(audit_from, &ns);
+    let events = audit_entries(&ns, audit_from);
     let handed_over = events
         .iter()
         .filter(|e| {

@@ -46,33 +46,6 @@ async fn events_with(client: &Client, ns: &str, reason: &str) -> Vec<Event> {
         .collect()
 }
 
-/// Completed write requests in `ns`, from the API server's audit log.
-fn audit_entries(ns: &str) -> Vec<serde_json::Value> {
-    let log = std::fs::read_to_string(state_dir().join("audit.log")).expect("read audit log");
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|e| e["stage"] == "ResponseComplete" && e["objectRef"]["namespace"] == ns)
-        .collect()
-}
-
-/// Write requests the operator's user made in `ns` (from the API server's
-/// audit log), as "verb resource/subresource name".
-fn operator_writes(ns: &str) -> Vec<String> {
-    audit_entries(ns)
-        .iter()
-        .filter(|e| e["user"]["username"] == "integration-operator")
-        .map(|e| {
-            format!(
-                "{} {}/{} {}",
-                e["verb"].as_str().unwrap_or_default(),
-                e["objectRef"]["resource"].as_str().unwrap_or_default(),
-                e["objectRef"]["subresource"].as_str().unwrap_or_default(),
-                e["objectRef"]["name"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
 fn degraded_message(status: &IntegrationClusterStatus) -> Option<&str> {
     status
         .conditions
@@ -216,7 +189,7 @@ async fn deleting_a_namespace_finishes_when_the_database_is_unreachable() {
     // From the moment the namespace controller deleted the clusters, their
     // cleanup runs: it must not try to create anything (before that, a
     // live cluster's reconcile may still try, and is refused).
-    let log = audit_entries(&ns);
+    let log = audit_entries(&ns, 0);
     let clusters_deleted = log
         .iter()
         .filter(|e| {

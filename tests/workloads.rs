@@ -534,28 +534,6 @@ async fn a_settled_cluster_costs_no_writes() {
     delete_namespace(&s.client, &s.ns).await;
 }
 
-/// Write requests of the operator's user in `ns`, from the API server's
-/// audit log: "verb resource/subresource name".
-fn operator_writes(ns: &str) -> Vec<String> {
-    let log = std::fs::read_to_string(state_dir().join("audit.log")).expect("read audit log");
-    log.lines()
-        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
-        .filter(|e| {
-            e["stage"] == "ResponseComplete" && e["user"]["username"] == "integration-operator"
-        })
-        .filter(|e| e["objectRef"]["namespace"] == ns)
-        .map(|e| {
-            format!(
-                "{} {}/{} {}",
-                e["verb"].as_str().unwrap_or_default(),
-                e["objectRef"]["resource"].as_str().unwrap_or_default(),
-                e["objectRef"]["subresource"].as_str().unwrap_or_default(),
-                e["objectRef"]["name"].as_str().unwrap_or_default()
-            )
-        })
-        .collect()
-}
-
 #[tokio::test]
 async fn a_changed_config_source_rolls_the_nodes() {
     let s = setup("sources").await;

@@ -292,6 +292,53 @@ pub fn unique(prefix: &str) -> String {
     )
 }
 
+/// Where the API server's audit log (every write, see
+/// hack/control-plane/audit-policy.yaml) ends now: a test that reads only
+/// what follows need not parse what every other test wrote.
+pub fn audit_end() -> u64 {
+    std::fs::metadata(state_dir().join("audit.log")).map_or(0, |m| m.len())
+}
+
+/// The completed requests on objects of `ns` logged since `from`.
+pub fn audit_entries(ns: &str, from: u64) -> Vec<Value> {
+    use std::io::{Read, Seek};
+    let mut file = std::fs::File::open(state_dir().join("audit.log")).expect("open audit log");
+    file.seek(std::io::SeekFrom::Start(from))
+        .expect("seek audit log");
+    let mut text = String::new();
+    file.read_to_string(&mut text).expect("read audit log");
+    // The log is shared by every test, and large: parse only lines that
+    // can be about `ns`.
+    let marker = format!("\"namespace\":\"{ns}\"");
+    text.lines()
+        .filter(|line| line.contains(&marker))
+        .filter_map(|line| serde_json::from_str::<Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete" && e["objectRef"]["namespace"] == ns)
+        .collect()
+}
+
+/// An audit entry as "verb resource/subresource name".
+pub fn audit_request(entry: &Value) -> String {
+    format!(
+        "{} {}/{} {}",
+        entry["verb"].as_str().unwrap_or_default(),
+        entry["objectRef"]["resource"].as_str().unwrap_or_default(),
+        entry["objectRef"]["subresource"]
+            .as_str()
+            .unwrap_or_default(),
+        entry["objectRef"]["name"].as_str().unwrap_or_default()
+    )
+}
+
+/// Write requests the operator's user made in `ns`, as [`audit_request`].
+pub fn operator_writes(ns: &str) -> Vec<String> {
+    audit_entries(ns, 0)
+        .iter()
+        .filter(|e| e["user"]["username"] == "integration-operator")
+        .map(audit_request)
+        .collect()
+}
+
 /// A namespace of its own for one test.
 pub async fn namespace(client: &Client, prefix: &str) -> String {
     let name = unique(prefix);
