@@ -197,10 +197,7 @@ async fn get(port: u16, path: &str) -> Option<(u16, String)> {
 async fn the_operator_serves_metrics_and_health() {
     let client = admin().await;
     let ns = namespace(&client, "metrics").await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port");
+    let port = free_port();
     let address = format!("127.0.0.1:{port}");
     let _operator = Operator::start_with(&ns, "metrics", &["--metrics-address", &address]);
     let (status, _) = wait_until(WAIT, "healthz", || get(port, "/healthz")).await;

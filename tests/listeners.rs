@@ -818,13 +818,6 @@ async fn an_api_outage_makes_the_holder_disable_before_expiry_then_they_elect_ag
     delete_namespace(&b.client, &b.ns).await;
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
 /// A cluster `m` with a multi-node listener `invoices`, its database on
 /// the test bed's PostgreSQL, and an agent with a stand-in per node.
 struct MultiBed {

@@ -20,6 +20,27 @@ use serde_json::Value;
 
 pub const CRD_NAME: &str = "integrationclusters.integration.dev";
 
+/// A port for a process the test starts, that nothing else takes before
+/// it binds. Ports from `bind(":0")` come from the kernel's ephemeral range
+/// (32768–60999), so a port picked that way and closed again can be handed
+/// to the next `bind(":0")` in a parallel test (it once was: a stand-in
+/// server got an agent's claim port). These come from below that range, one
+/// counter per test binary, and are checked free.
+pub fn free_port() -> u16 {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    const FIRST: u32 = 20_000;
+    const COUNT: u32 = 12_000; // 20000–31999: above the planes' own ports
+    let start = std::process::id().wrapping_mul(7919) % COUNT;
+    for _ in 0..COUNT {
+        let offset = NEXT.fetch_add(1, Ordering::SeqCst);
+        let port = (FIRST + (start + offset) % COUNT) as u16;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port in {FIRST}..{}", FIRST + COUNT);
+}
+
 /// Where `hack/control-plane/up` keeps its state.
 pub fn state_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("CONTROL_PLANE_DIR") {
