@@ -6,8 +6,12 @@
 //! - offline: gate False (client traffic stops) → the node is not Ready →
 //!   `Offline`;
 //! - online: gate True once the server is ready → `Online`;
-//! - remove: offline first, then the pod is deleted once traffic stopped →
-//!   `Removed`; past `nodes.drainTimeoutSeconds` it stalls unless forced;
+//! - remove (also scale-down): offline first, then the pod is deleted once
+//!   drained → `Removed`; past `nodes.drainTimeoutSeconds` it stalls unless
+//!   forced;
+//! - replace (drift, a cordoned Kubernetes node): offline and drained the
+//!   same way, then `Replacing` while the pod is deleted and created again
+//!   from the current spec;
 //! - add back: a removed node returns `Offline` (seed 003), then goes online
 //!   when the spec no longer keeps it offline.
 //!
@@ -16,7 +20,9 @@
 //! coming online asks it to resume and waits until the server is healthy.
 //! Without an agent, "drained" means the node gets no client traffic.
 //! Removal also waits until the node owns no unfinished guaranteed-delivery
-//! work in the cluster database.
+//! work in the cluster database; a replaced node comes back under its name
+//! and finds its work again. Every way a node leaves goes through
+//! [`leave`]: there is no other path to a deleted serving pod.
 
 use crate::api::NodeState;
 
@@ -28,12 +34,17 @@ use crate::api::NodeState;
 /// `nodes.drainTimeoutSeconds` starts after it.
 pub const ENDPOINT_SETTLE_SECONDS: i64 = 5;
 
-/// What the spec asks for a node.
+/// What is asked of a node: by the spec (online, offline, remove), by a
+/// scale-down (remove), or by the operator (replace).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Intent {
     Online,
     Offline,
+    /// Leave for good: its guaranteed-delivery work must be finished.
     Remove,
+    /// Leave and come back from the current spec, under the same name:
+    /// drift, or its Kubernetes node is cordoned.
+    Replace,
 }
 
 /// What the node's pod shows.
@@ -131,7 +142,10 @@ fn decision(state: NodeState, steps: Vec<Step>, message: impl Into<String>) -> D
 
 /// Whether a node in `state` holds a workflow slot.
 pub fn holds_slot(state: NodeState) -> bool {
-    matches!(state, NodeState::Draining | NodeState::Removing)
+    matches!(
+        state,
+        NodeState::Draining | NodeState::Removing | NodeState::Replacing
+    )
 }
 
 /// Decides the next step of `node` from its recorded `previous` state.
@@ -201,128 +215,212 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
         }
 
         (
-            Intent::Offline | Intent::Remove,
+            Intent::Offline | Intent::Remove | Intent::Replace,
             PodFacts::Present {
+                containers_ready,
                 online,
                 serving,
                 asked_offline,
                 agent,
                 ..
             },
-        ) => {
-            let removing = intent == Intent::Remove;
-            if online {
-                if facts.last_online && !facts.force {
-                    let why = format!(
-                        "{node} is the last online node; taking it offline needs the annotation integration.dev/force={node}"
-                    );
-                    return Decision {
-                        stalled: Some(why.clone()),
-                        ..decision(previous.unwrap_or(Online), vec![], why)
-                    };
-                }
-                if !facts.slot_free {
-                    return decision(
-                        previous.unwrap_or(Online),
-                        vec![],
-                        "queued: rollout.maxUnavailable nodes are already being drained",
-                    );
-                }
-                return decision(
-                    Draining,
-                    vec![Step::SetOnline(false)],
-                    "taking the node offline",
-                );
-            }
-            if serving {
-                return decision(Draining, vec![], "waiting for client traffic to stop");
-            }
-            if !asked_offline && agent.is_some() {
-                return decision(
-                    Draining,
-                    vec![Step::AskOffline(true)],
-                    "asking the agent to quiesce the server",
-                );
-            }
-            let (drained, waiting_for) = match agent {
-                None => (true, String::new()),
-                Some(a) if !a.quiesced => (false, "the server to quiesce".to_owned()),
-                Some(AgentFacts {
-                    in_flight: Some(0), ..
-                }) => (true, String::new()),
-                Some(AgentFacts {
-                    in_flight: Some(n), ..
-                }) => (false, format!("{n} requests in flight")),
-                Some(_) => (false, "the agent to report in-flight work".to_owned()),
+        ) => leave(
+            node,
+            previous,
+            intent,
+            facts,
+            Leaving {
+                containers_ready,
+                online,
+                serving,
+                asked_offline,
+                agent,
+            },
+        ),
+    }
+}
+
+/// What a leaving node's pod shows.
+struct Leaving {
+    containers_ready: bool,
+    online: bool,
+    serving: bool,
+    asked_offline: bool,
+    agent: Option<AgentFacts>,
+}
+
+/// The one way a node leaves, whatever the reason (offline, remove,
+/// scale-down, replacement): out of the client Service, then quiesced,
+/// then in-flight work and listener hand-over awaited, then (for a node
+/// leaving for good) guaranteed-delivery work checked; only then deleted.
+fn leave(
+    node: &str,
+    previous: Option<NodeState>,
+    intent: Intent,
+    facts: &Facts,
+    pod: Leaving,
+) -> Decision {
+    use NodeState::*;
+    let verb = match intent {
+        Intent::Remove => "removing",
+        Intent::Replace => "replacing",
+        _ => "going offline",
+    };
+    if pod.online {
+        // A replacement of the last node is the rollout's business (its
+        // budget allows it); taking it away for good needs a person.
+        if facts.last_online && !facts.force && intent != Intent::Replace {
+            let why = format!(
+                "{node} is the last online node; taking it offline needs the annotation integration.dev/force={node}"
+            );
+            return Decision {
+                stalled: Some(why.clone()),
+                ..decision(previous.unwrap_or(Online), vec![], why)
             };
-            // A node hands its single-node listeners over before it counts
-            // as offline.
-            let (drained, waiting_for) = if drained && facts.holds_listener {
-                (false, "the node to hand its listeners over".to_owned())
-            } else {
-                (drained, waiting_for)
-            };
-            // Removal also waits for the node's guaranteed-delivery work:
-            // deleting a server that owns some would lose it (seed 003).
-            let (drained, waiting_for) = match (removing && drained, facts.gd) {
-                (true, GdWork::Unfinished(n)) if n > 0 => (
-                    false,
-                    format!("{n} unfinished guaranteed-delivery transactions"),
-                ),
-                (true, GdWork::Unknown) => (
-                    false,
-                    "the cluster database to report guaranteed-delivery work".to_owned(),
-                ),
-                _ => (drained, waiting_for),
-            };
-            if !removing {
-                return if drained {
-                    decision(
-                        Offline,
-                        vec![],
-                        "offline: no client traffic, reachable on the admin Service",
-                    )
-                } else {
-                    decision(
-                        Draining,
-                        vec![],
-                        format!("going offline: waiting for {waiting_for}"),
-                    )
-                };
-            }
-            if drained {
-                return decision(Removing, vec![Step::DeletePod], "drained: deleting the pod");
-            }
-            let draining = matches!(previous, Some(Draining | Removing));
-            // The drain allowance starts once clients are no longer sent to
-            // the node: the settle time is not the server's to use up.
-            let allowance = facts.drain_timeout_seconds + ENDPOINT_SETTLE_SECONDS;
-            if draining && facts.in_state_seconds > allowance {
-                if facts.force {
-                    return Decision {
-                        forced: true,
-                        ..decision(
-                            Removing,
-                            vec![Step::DeletePod],
-                            "drain timeout forced: deleting the pod",
-                        )
-                    };
-                }
-                let why = format!(
-                    "{node} has not drained within nodes.drainTimeoutSeconds ({}s), still waiting for {waiting_for}; annotate the cluster with integration.dev/force={node} to remove it anyway",
-                    facts.drain_timeout_seconds
-                );
-                return Decision {
-                    stalled: Some(why.clone()),
-                    ..decision(Draining, vec![], why)
-                };
-            }
-            decision(
-                Draining,
-                vec![],
-                format!("removing: waiting for {waiting_for}"),
-            )
         }
+        if !facts.slot_free {
+            return decision(
+                previous.unwrap_or(Online),
+                vec![],
+                format!("queued for {verb}: rollout.maxUnavailable nodes are already leaving"),
+            );
+        }
+        return decision(
+            Draining,
+            vec![Step::SetOnline(false)],
+            format!("{verb}: taking the node out of the client Service"),
+        );
+    }
+    if pod.serving {
+        return decision(
+            Draining,
+            vec![],
+            format!("{verb}: waiting for client traffic to stop"),
+        );
+    }
+    // A server that is not running has no work to quiesce; a broken
+    // replacement must not wait for a quiesce that cannot happen.
+    let running = pod.containers_ready || intent != Intent::Replace;
+    if running && !pod.asked_offline && pod.agent.is_some() {
+        return decision(
+            Draining,
+            vec![Step::AskOffline(true)],
+            format!("{verb}: asking the agent to quiesce the server"),
+        );
+    }
+    let waiting_for = match (running, intent, waiting_for(facts, pod.agent)) {
+        (false, _, _) => None,
+        (true, Intent::Remove, None) => unfinished_work(facts.gd),
+        (true, _, waiting) => waiting,
+    };
+    let Some(waiting_for) = waiting_for else {
+        return match intent {
+            Intent::Remove => {
+                decision(Removing, vec![Step::DeletePod], "drained: deleting the pod")
+            }
+            Intent::Replace => decision(
+                Replacing,
+                vec![Step::DeletePod],
+                "drained: deleting the pod, to be created again from the current spec",
+            ),
+            _ => decision(
+                Offline,
+                vec![],
+                "offline: no client traffic, reachable on the admin Service",
+            ),
+        };
+    };
+    if intent == Intent::Offline {
+        return decision(
+            Draining,
+            vec![],
+            format!("{verb}: waiting for {waiting_for}"),
+        );
+    }
+    overdue(node, previous, intent, facts, verb, &waiting_for)
+}
+
+/// What a node out of the client Service still waits for before it counts
+/// as drained, if anything: its server's quiesce and in-flight work, and
+/// the hand-over of its single-node listeners.
+fn waiting_for(facts: &Facts, agent: Option<AgentFacts>) -> Option<String> {
+    match agent {
+        None => None,
+        Some(a) if !a.quiesced => Some("the server to quiesce".to_owned()),
+        Some(AgentFacts {
+            in_flight: Some(0), ..
+        }) => None,
+        Some(AgentFacts {
+            in_flight: Some(n), ..
+        }) => Some(format!("{n} requests in flight")),
+        Some(_) => Some("the agent to report in-flight work".to_owned()),
+    }
+    .or_else(|| {
+        facts
+            .holds_listener
+            .then(|| "the node to hand its listeners over".to_owned())
+    })
+}
+
+/// A node leaving for good must not take unfinished guaranteed-delivery
+/// work with it (seed 003). A replaced node comes back under its name and
+/// finds its work again.
+fn unfinished_work(gd: GdWork) -> Option<String> {
+    match gd {
+        GdWork::Unfinished(n) if n > 0 => {
+            Some(format!("{n} unfinished guaranteed-delivery transactions"))
+        }
+        GdWork::Unknown => {
+            Some("the cluster database to report guaranteed-delivery work".to_owned())
+        }
+        _ => None,
+    }
+}
+
+/// A leaving node that has not drained: wait, stall past the drain
+/// timeout, or go on when forced.
+fn overdue(
+    node: &str,
+    previous: Option<NodeState>,
+    intent: Intent,
+    facts: &Facts,
+    verb: &str,
+    waiting_for: &str,
+) -> Decision {
+    use NodeState::*;
+    let draining = matches!(previous, Some(Draining | Removing | Replacing));
+    // The drain allowance starts once clients are no longer sent to the
+    // node: the settle time is not the server's to use up.
+    let allowance = facts.drain_timeout_seconds + ENDPOINT_SETTLE_SECONDS;
+    if !(draining && facts.in_state_seconds > allowance) {
+        return decision(
+            Draining,
+            vec![],
+            format!("{verb}: waiting for {waiting_for}"),
+        );
+    }
+    if facts.force {
+        let state = if intent == Intent::Replace {
+            Replacing
+        } else {
+            Removing
+        };
+        return Decision {
+            forced: true,
+            ..decision(
+                state,
+                vec![Step::DeletePod],
+                "drain timeout forced: deleting the pod",
+            )
+        };
+    }
+    let why = format!(
+        "{node} has not drained within nodes.drainTimeoutSeconds ({}s), still waiting for {waiting_for}; annotate the cluster with integration.dev/force={node} to go on anyway",
+        facts.drain_timeout_seconds
+    );
+    Decision {
+        stalled: Some(why.clone()),
+        ..decision(Draining, vec![], why)
     }
 }
 
@@ -700,6 +798,123 @@ mod tests {
         // Too late once the pod is being deleted: it comes back offline.
         let deleted = run(Some(Removing), Intent::Online, facts(PodFacts::Absent));
         assert_eq!(deleted, (Offline, vec![Step::CreatePod]));
+    }
+
+    #[test]
+    fn replace_drains_like_a_removal_then_recreates_the_pod() {
+        let agent = |asked, quiesced, in_flight| facts(with_agent(asked, quiesced, in_flight));
+        assert_eq!(
+            run(Some(Online), Intent::Replace, facts(SERVING)),
+            (Draining, vec![Step::SetOnline(false)])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Replace, facts(GATED_BUT_READY)),
+            (Draining, vec![])
+        );
+        assert_eq!(
+            run(
+                Some(Draining),
+                Intent::Replace,
+                agent(false, false, Some(2))
+            ),
+            (Draining, vec![Step::AskOffline(true)])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Replace, agent(true, true, Some(2))),
+            (Draining, vec![])
+        );
+        assert_eq!(
+            run(Some(Draining), Intent::Replace, agent(true, true, Some(0))),
+            (Replacing, vec![Step::DeletePod])
+        );
+        assert_eq!(
+            run(
+                Some(Replacing),
+                Intent::Online,
+                facts(PodFacts::Terminating)
+            ),
+            (Replacing, vec![])
+        );
+        // Back under its name, from the current spec, and online again.
+        assert_eq!(
+            run(Some(Replacing), Intent::Online, facts(PodFacts::Absent)),
+            (Pending, vec![Step::CreatePod])
+        );
+        assert_eq!(
+            run(Some(Pending), Intent::Online, facts(OFF)),
+            (Pending, vec![Step::SetOnline(true)])
+        );
+    }
+
+    #[test]
+    fn a_replaced_node_keeps_its_guaranteed_delivery_work_and_its_listeners_move_first() {
+        let owning = Facts {
+            gd: GdWork::Unfinished(3),
+            ..facts(OFF)
+        };
+        assert_eq!(
+            run(Some(Draining), Intent::Replace, owning),
+            (Replacing, vec![Step::DeletePod])
+        );
+        let holding = Facts {
+            holds_listener: true,
+            ..facts(OFF)
+        };
+        let d = decide("n-1", Some(Draining), Intent::Replace, &holding);
+        assert_eq!((d.state, d.steps.clone()), (Draining, vec![]));
+        assert!(
+            d.message.contains("hand its listeners over"),
+            "{}",
+            d.message
+        );
+    }
+
+    #[test]
+    fn a_broken_server_is_replaced_without_a_quiesce_that_cannot_happen() {
+        let broken = PodFacts::Present {
+            containers_ready: false,
+            online: false,
+            ready: false,
+            serving: false,
+            asked_offline: false,
+            agent: Some(AgentFacts {
+                quiesced: false,
+                in_flight: None,
+                healthy: false,
+            }),
+        };
+        assert_eq!(
+            run(Some(Pending), Intent::Replace, facts(broken)),
+            (Replacing, vec![Step::DeletePod])
+        );
+        // Removal of the same node still waits: it leaves for good.
+        assert_eq!(
+            run(Some(Pending), Intent::Remove, facts(broken)),
+            (Draining, vec![Step::AskOffline(true)])
+        );
+    }
+
+    #[test]
+    fn replacing_the_only_node_needs_no_force_but_a_slot() {
+        let last = Facts {
+            last_online: true,
+            ..facts(SERVING)
+        };
+        assert_eq!(
+            run(Some(Online), Intent::Replace, last),
+            (Draining, vec![Step::SetOnline(false)])
+        );
+        let busy = Facts {
+            slot_free: false,
+            ..facts(SERVING)
+        };
+        let d = decide("n-1", Some(Online), Intent::Replace, &busy);
+        assert_eq!((d.state, d.steps.clone()), (Online, vec![]));
+        assert!(
+            d.message.starts_with("queued for replacing"),
+            "{}",
+            d.message
+        );
     }
 
     #[test]

@@ -749,7 +749,7 @@ pub enum ListenerMode {
 }
 
 /// Node workflows requested by the user.
-#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, Default, PartialEq)]
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct NodesSpec {
     /// Nodes to keep offline: running, reachable on the admin Service, but
@@ -787,6 +787,18 @@ pub struct NodesSpec {
 
 fn default_drain_timeout() -> i32 {
     600
+}
+
+// By hand: a derived Default would give a drain timeout of 0 s to every
+// cluster that does not set `spec.nodes`, not the 600 s the API defaults.
+impl Default for NodesSpec {
+    fn default() -> Self {
+        NodesSpec {
+            offline: Vec::new(),
+            remove: Vec::new(),
+            drain_timeout_seconds: default_drain_timeout(),
+        }
+    }
 }
 
 /// How changes roll through the nodes.

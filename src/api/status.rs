@@ -100,6 +100,9 @@ pub enum NodeState {
     Offline,
     Removing,
     Removed,
+    /// Leaving to be created again from the current spec (drift, or its
+    /// Kubernetes node is cordoned); it keeps its name.
+    Replacing,
 }
 
 /// Who holds a single-node listener.

@@ -315,21 +315,18 @@ pub async fn execute(
                     .map_err(write(format!("ask {node} to go {desired}")))?;
                 info!(cluster = %ic.name_any(), %node, desired, "asked the agent");
             }
-            Action::DeletePod { node, reason } => {
+            Action::DeletePod { node, departure } => {
                 ignore_missing(
                     pods.delete(node, &DeleteParams::default())
                         .await
                         .map(|_| ()),
                 )
                 .map_err(write(format!("delete pod {node}")))?;
-                info!(cluster = %ic.name_any(), %node, %reason, "deleted pod");
-                let (event_reason, note) = if reason == "scale down" {
-                    ("ScaledDown", format!("Removed {node}: scale down"))
-                } else {
-                    ("Replacing", format!("Replacing {node}: {reason}"))
-                };
+                let note = departure.note(node);
+                info!(cluster = %ic.name_any(), %node, %note, "deleted pod");
                 let pod = pod_ref(&ns, node);
-                publish_about(ctx, ic, EventType::Normal, event_reason, note, Some(pod)).await;
+                let reason = departure.event_reason();
+                publish_about(ctx, ic, EventType::Normal, reason, note, Some(pod)).await;
             }
             Action::DeleteClaim { name } => {
                 ignore_missing(

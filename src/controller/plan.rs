@@ -27,7 +27,7 @@ use kube::ResourceExt;
 pub const FORCE_ANNOTATION: &str = "integration.dev/force";
 use crate::naming;
 use crate::render::Rendered;
-use crate::validation::ValidatedCluster;
+use crate::validation::{Member, ValidatedCluster};
 use crate::workload;
 
 /// What exists now.
@@ -63,7 +63,7 @@ pub enum Action {
     },
     DeletePod {
         node: String,
-        reason: String,
+        departure: Departure,
     },
     DeleteClaim {
         name: String,
@@ -162,10 +162,75 @@ fn serving(pod: &Pod, now: Timestamp) -> bool {
     workload::is_ready(pod) || unready_seconds(pod, now) < workflows::ENDPOINT_SETTLE_SECONDS
 }
 
-/// Replacement order: listener-lease holders last, so a listener moves at
-/// most once per rollout; otherwise by ordinal.
-pub fn rollout_order(nodes: &mut [(u32, String)], holders: &BTreeSet<String>) {
-    nodes.sort_by_key(|(ordinal, name)| (holders.contains(name), *ordinal));
+/// Replacement order: nodes already on their way first, then by ordinal
+/// with listener-lease holders last, so a listener moves at most once per
+/// rollout.
+fn rollout_order(nodes: &mut [Candidate<'_>], holders: &BTreeSet<String>) {
+    nodes.sort_by_key(|c| {
+        (
+            !c.holds_slot,
+            holders.contains(c.member.name.as_str()),
+            c.member.ordinal,
+        )
+    });
+}
+
+/// Why a node's pod is deleted.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Departure {
+    /// `spec.nodes.remove`.
+    Removed,
+    ScaledDown,
+    /// Drift or a cordoned Kubernetes node; created again at once.
+    Replaced(String),
+}
+
+impl Departure {
+    pub fn event_reason(&self) -> &'static str {
+        match self {
+            Departure::Removed => "Removed",
+            Departure::ScaledDown => "ScaledDown",
+            Departure::Replaced(_) => "Replacing",
+        }
+    }
+
+    pub fn note(&self, node: &str) -> String {
+        match self {
+            Departure::Removed => format!("Removed {node}: spec.nodes.remove"),
+            Departure::ScaledDown => format!("Removed {node}: scale down"),
+            Departure::Replaced(why) => format!("Replacing {node}: {why}"),
+        }
+    }
+}
+
+/// What the reconcile knows that every node's decision draws on.
+struct Context<'a> {
+    ic: &'a IntegrationCluster,
+    rendered: &'a Rendered,
+    observed: &'a Observed<'a>,
+    pods: BTreeMap<&'a str, &'a Pod>,
+    claims: BTreeSet<&'a str>,
+    previous: BTreeMap<&'a str, &'a NodeStatus>,
+    forced: BTreeSet<&'a str>,
+    max_unavailable: usize,
+}
+
+/// The rollout budget as the decisions spend it.
+struct Budget {
+    /// Nodes in a leaving workflow (each holds a slot).
+    slots_used: usize,
+    /// Member nodes meant to serve that are not Ready, outside workflows.
+    unavailable: usize,
+    /// Nodes whose online gate is True after the decisions so far.
+    online: BTreeSet<String>,
+}
+
+/// A node to replace (drift, cordoned Kubernetes node), decided after
+/// the others so it gets only the budget they leave.
+struct Candidate<'a> {
+    member: &'a Member,
+    why: String,
+    holds_slot: bool,
 }
 
 pub fn plan(
@@ -174,317 +239,32 @@ pub fn plan(
     rendered: &Rendered,
     observed: &Observed,
 ) -> Plan {
-    let spec = &ic.spec;
-    let name = ic.metadata.name.as_deref().unwrap_or_default();
-    let deadline = i64::from(spec.rollout.progress_deadline_seconds);
-    let pods: BTreeMap<&str, &Pod> = observed
-        .pods
-        .iter()
-        .filter_map(|p| Some((p.metadata.name.as_deref()?, p)))
-        .collect();
-    let claims: BTreeSet<&str> = observed
-        .claims
-        .iter()
-        .filter_map(|c| c.metadata.name.as_deref())
-        .collect();
-    let members: BTreeSet<&str> = cluster.members.iter().map(|m| m.name.as_str()).collect();
+    let ctx = Context::new(ic, rendered, observed);
     let mut plan = Plan::default();
-
-    // Scale down: nodes that are no longer members leave, highest first,
-    // offline before deleted.
-    let mut leaving: Vec<(u32, &Pod)> = pods
-        .iter()
-        .filter(|(n, _)| !members.contains(*n))
-        .filter_map(|(n, p)| Some((naming::node_ordinal(name, n)?, *p)))
-        .collect();
-    leaving.sort_by_key(|(ordinal, _)| std::cmp::Reverse(*ordinal));
-    for (_, pod) in &leaving {
-        let node = pod.metadata.name.clone().unwrap_or_default();
-        let message = if terminating(pod) {
-            "scaling down: pod terminating"
-        } else if workload::is_online(pod) {
-            plan.actions.push(Action::SetOnline {
-                node: node.clone(),
-                online: false,
-            });
-            "scaling down: taking the node offline"
-        } else if serving(pod, observed.now) {
-            "scaling down: waiting for client traffic to stop"
-        } else {
-            plan.actions.push(Action::DeletePod {
-                node: node.clone(),
-                reason: "scale down".into(),
-            });
-            "scaling down: deleting the pod"
-        };
-        let (config, packages, _) = workload::digests_of(pod);
-        plan.nodes.push(NodeView {
-            name: node,
-            state: NodeState::Removing,
-            ready: workload::is_ready(pod),
-            config_digest: config.map(str::to_owned),
-            packages_digest: packages.map(str::to_owned),
-            logical_hostname: None,
-            message: Some(message.into()),
-        });
-    }
-    // Claims of nodes that are gone: deleted only when the policy says so,
-    // and only those this cluster owns (a retained claim of an earlier
-    // cluster of the same name is nobody's to delete).
-    if spec.deletion_policy == DeletionPolicy::Delete {
-        let owned = observed
-            .claims
-            .iter()
-            .filter(|c| workload::is_owned_by(&c.metadata, ic))
-            .filter_map(|c| c.metadata.name.as_deref());
-        for claim in owned {
-            let node = claim.strip_prefix("data-").unwrap_or_default();
-            if !members.contains(node) && !pods.contains_key(node) {
-                plan.actions.push(Action::DeleteClaim {
-                    name: (*claim).to_owned(),
-                });
-            }
-        }
-    }
-
-    // Members: each node's workflow (create, online, offline, remove, add
-    // back) decides its next step; drift and readiness feed the rollout.
-    let nodes_spec = spec.nodes.clone().unwrap_or_default();
-    let intent_of = |node: &str| {
-        if nodes_spec.remove.iter().any(|n| n == node) {
-            Intent::Remove
-        } else if nodes_spec.offline.iter().any(|n| n == node) {
-            Intent::Offline
-        } else {
-            Intent::Online
-        }
-    };
-    let previous: BTreeMap<&str, &NodeStatus> = ic
-        .status
-        .iter()
-        .flat_map(|s| s.nodes.iter())
-        .map(|n| (n.name.as_str(), n))
-        .collect();
-    let forced: BTreeSet<&str> = ic
-        .annotations()
-        .get(FORCE_ANNOTATION)
-        .map(|v| v.split(',').map(str::trim).collect())
-        .unwrap_or_default();
-    let mut slots_used = cluster
-        .members
-        .iter()
-        .filter(|m| {
-            previous
-                .get(m.name.as_str())
-                .is_some_and(|n| workflows::holds_slot(n.state))
-        })
-        .count();
-    let mut online_now: BTreeSet<&str> = cluster
-        .members
-        .iter()
-        .filter(|m| {
-            pods.get(m.name.as_str())
-                .is_some_and(|p| workload::is_online(p))
-        })
-        .map(|m| m.name.as_str())
-        .collect();
-
-    let mut unavailable = 0;
-    let mut candidates: Vec<(u32, String)> = Vec::new();
-    let mut broken_drifted: Vec<String> = Vec::new();
+    let mut budget = ctx.budget(cluster);
+    scale_down(&ctx, cluster, &mut plan, &mut budget);
+    delete_orphan_claims(&ctx, cluster, &mut plan);
+    let mut candidates = Vec::new();
     for member in &cluster.members {
-        let intent = intent_of(&member.name);
-        let before = previous.get(member.name.as_str());
-        let pod = pods.get(member.name.as_str()).copied();
-        let pod_facts = match pod {
-            None => PodFacts::Absent,
-            Some(p) if terminating(p) => PodFacts::Terminating,
-            Some(p) => PodFacts::Present {
-                containers_ready: workload::containers_ready(p),
-                online: workload::is_online(p),
-                ready: workload::is_ready(p),
-                serving: serving(p, observed.now),
-                asked_offline: p
-                    .annotations()
-                    .get(annotations::DESIRED_STATE)
-                    .is_some_and(|s| s == "offline"),
-                agent: Report::of(p).map(|r| AgentFacts {
-                    quiesced: r.quiesced,
-                    in_flight: r.in_flight,
-                    healthy: r.healthy,
-                }),
-            },
-        };
-        let holds = before.is_some_and(|n| workflows::holds_slot(n.state));
-        let facts = Facts {
-            pod: pod_facts,
-            in_state_seconds: before
-                .and_then(|n| n.since.as_ref())
-                .map_or(0, |t| observed.now.as_second() - t.0.as_second()),
-            drain_timeout_seconds: i64::from(nodes_spec.drain_timeout_seconds),
-            force: forced.contains(member.name.as_str()),
-            slot_free: holds
-                || slots_used < usize::try_from(spec.rollout.max_unavailable).unwrap_or(1),
-            last_online: online_now.len() == 1 && online_now.contains(member.name.as_str()),
-            holds_listener: observed.listener_holders.contains(&member.name),
-            gd: match observed.gd {
-                None => GdWork::NotTracked,
-                Some(Err(())) => GdWork::Unknown,
-                Some(Ok(counts)) => {
-                    GdWork::Unfinished(counts.get(&member.name).copied().unwrap_or(0))
-                }
-            },
-        };
-        let mut decision = workflows::decide(&member.name, before.map(|n| n.state), intent, &facts);
-        let drifted = pod.and_then(|p| drift(p, rendered, &spec.image));
-        if drifted.is_some() {
-            // A drifted node is about to be replaced: never back online.
-            decision.steps.retain(|s| *s != Step::SetOnline(true));
+        let intent = ctx.intent(member);
+        let pod = ctx.pods.get(member.name.as_str()).copied();
+        let why = pod.and_then(|p| ctx.replacement(p));
+        match (intent, why) {
+            (Intent::Online | Intent::Offline, Some(why)) => candidates.push(Candidate {
+                member,
+                why,
+                holds_slot: ctx.holds_slot(&member.name),
+            }),
+            _ => member_step(&ctx, member, intent, &mut plan, &mut budget),
         }
-        if !holds && workflows::holds_slot(decision.state) {
-            slots_used += 1;
-        }
-        if decision.steps.contains(&Step::SetOnline(false)) {
-            online_now.remove(member.name.as_str());
-        }
-        if let Some(why) = &decision.stalled {
-            plan.stalled.get_or_insert(why.clone());
-        }
-        if decision.forced {
-            plan.forced.push(member.name.clone());
-        }
-        for step in &decision.steps {
-            match step {
-                Step::CreatePod => {
-                    if let Some(storage) = &spec.storage {
-                        let claim = naming::data_claim(&member.name);
-                        if !claims.contains(claim.as_str()) {
-                            plan.actions
-                                .push(Action::CreateClaim(Box::new(workload::data_claim(
-                                    ic,
-                                    &member.name,
-                                    storage,
-                                ))));
-                        }
-                    }
-                    plan.actions.push(Action::CreatePod(Box::new(workload::pod(
-                        ic,
-                        rendered,
-                        member,
-                        observed.agent_image,
-                    ))));
-                }
-                Step::SetOnline(online) => plan.actions.push(Action::SetOnline {
-                    node: member.name.clone(),
-                    online: *online,
-                }),
-                Step::AskOffline(offline) => plan.actions.push(Action::AskOffline {
-                    node: member.name.clone(),
-                    offline: *offline,
-                }),
-                Step::DeletePod => {
-                    plan.actions.push(Action::DeletePod {
-                        node: member.name.clone(),
-                        reason: "removed".into(),
-                    });
-                    let claim = naming::data_claim(&member.name);
-                    if spec.deletion_policy == DeletionPolicy::Delete
-                        && claims.contains(claim.as_str())
-                    {
-                        plan.actions.push(Action::DeleteClaim { name: claim });
-                    }
-                }
-            }
-        }
-        let mut view = NodeView {
-            name: member.name.clone(),
-            state: decision.state,
-            ready: false,
-            config_digest: None,
-            packages_digest: None,
-            logical_hostname: Some(member.logical_hostname.clone()),
-            message: Some(decision.message.clone()).filter(|m| !m.is_empty()),
-        };
-        if intent == Intent::Online {
-            plan.expected += 1;
-        }
-        let Some(pod) = pod else {
-            if intent == Intent::Online {
-                unavailable += 1;
-            }
-            plan.nodes.push(view);
-            continue;
-        };
-        let (config, packages, _) = workload::digests_of(pod);
-        view.config_digest = config.map(str::to_owned);
-        view.packages_digest = packages.map(str::to_owned);
-        view.ready = workload::is_ready(pod);
-        if view.ready {
-            plan.ready += 1;
-            if workload::is_online(pod) {
-                plan.online += 1;
-            }
-        }
-        if let Some(reason) = &drifted {
-            plan.drifted.insert(member.name.clone(), reason.clone());
-            view.message = Some(format!("drifted: {reason}"));
-        }
-        // Only nodes meant to serve take part in the rollout; an offline
-        // or leaving node is replaced, if drifted, when it is not Ready.
-        let serving = intent == Intent::Online && !workflows::holds_slot(decision.state);
-        if terminating(pod) {
-            unavailable += usize::from(serving);
-        } else if view.ready {
-            if drifted.is_some() && serving {
-                candidates.push((member.ordinal, member.name.clone()));
-            }
-        } else {
-            unavailable += usize::from(serving);
-            if drifted.is_some() && intent != Intent::Remove {
-                broken_drifted.push(member.name.clone());
-            } else if serving && decision.steps.is_empty() {
-                let unready = unready_seconds(pod, observed.now);
-                if unready > deadline {
-                    let why = format!(
-                        "{} is not Ready for {unready}s (rollout.progressDeadlineSeconds is {deadline})",
-                        member.name
-                    );
-                    plan.stalled.get_or_insert(why.clone());
-                    view.message = Some(why);
-                } else {
-                    plan.starting += 1;
-                }
-            }
-        }
-        plan.nodes.push(view);
     }
-    let unavailable = i32::try_from(unavailable + slots_used).unwrap_or(i32::MAX);
-
-    // Rolling replacement. A drifted node that is not Ready anyway is
-    // replaced at once: that costs no availability. A Ready one needs a
-    // budget slot, and none is spent while the rollout is stalled. Nothing
-    // is replaced while new servers could not start.
-    if observed.start_blocked.is_some() {
-        broken_drifted.clear();
-        candidates.clear();
-    }
-    for node in &broken_drifted {
-        replace(&mut plan, pods[node.as_str()], node, observed.now);
-    }
-    // The Leases as observed now, the same fact the offline workflow uses
-    // (status may lag behind a hand-over).
     let holders: BTreeSet<String> = observed.listener_holders.iter().cloned().collect();
     rollout_order(&mut candidates, &holders);
-    let mut budget = spec.rollout.max_unavailable - unavailable;
-    if plan.stalled.is_none() {
-        for (_, node) in candidates {
-            if budget <= 0 {
-                break;
-            }
-            budget -= 1;
-            replace(&mut plan, pods[node.as_str()], &node, observed.now);
-        }
+    for candidate in &candidates {
+        replacement_step(&ctx, candidate, &mut plan, &mut budget);
     }
+    plan.nodes
+        .sort_by_key(|n| naming::node_ordinal(ctx.name(), &n.name));
 
     if let Some(why) = observed.start_blocked {
         let before = plan.actions.len();
@@ -494,28 +274,374 @@ pub fn plan(
             plan.waiting = Some(why.to_owned());
         }
     }
-    if spec.paused {
+    if ic.spec.paused {
         plan.actions.clear();
     }
     plan
 }
 
-/// Takes a drifted node offline, then deletes its pod; the next reconcile
-/// creates it anew from the current spec.
-fn replace(plan: &mut Plan, pod: &Pod, node: &str, now: Timestamp) {
-    let reason = plan.drifted.get(node).cloned().unwrap_or_default();
-    if workload::is_online(pod) {
-        plan.actions.push(Action::SetOnline {
-            node: node.to_owned(),
-            online: false,
-        });
-    } else if serving(pod, now) {
-        // Offline, but client traffic has not stopped yet: wait for it.
-    } else {
-        plan.actions.push(Action::DeletePod {
-            node: node.to_owned(),
-            reason,
-        });
+impl<'a> Context<'a> {
+    fn new(ic: &'a IntegrationCluster, rendered: &'a Rendered, observed: &'a Observed<'a>) -> Self {
+        Context {
+            ic,
+            rendered,
+            observed,
+            pods: observed
+                .pods
+                .iter()
+                .filter_map(|p| Some((p.metadata.name.as_deref()?, p)))
+                .collect(),
+            claims: observed
+                .claims
+                .iter()
+                .filter_map(|c| c.metadata.name.as_deref())
+                .collect(),
+            previous: ic
+                .status
+                .iter()
+                .flat_map(|s| s.nodes.iter())
+                .map(|n| (n.name.as_str(), n))
+                .collect(),
+            forced: ic
+                .annotations()
+                .get(FORCE_ANNOTATION)
+                .map(|v| v.split(',').map(str::trim).collect())
+                .unwrap_or_default(),
+            max_unavailable: usize::try_from(ic.spec.rollout.max_unavailable).unwrap_or(1),
+        }
+    }
+
+    fn name(&self) -> &str {
+        self.ic.metadata.name.as_deref().unwrap_or_default()
+    }
+
+    fn intent(&self, member: &Member) -> Intent {
+        let nodes = self.ic.spec.nodes.as_ref();
+        let listed = |list: Option<&Vec<String>>| list.is_some_and(|l| l.contains(&member.name));
+        if listed(nodes.map(|n| &n.remove)) {
+            Intent::Remove
+        } else if listed(nodes.map(|n| &n.offline)) {
+            Intent::Offline
+        } else {
+            Intent::Online
+        }
+    }
+
+    fn holds_slot(&self, node: &str) -> bool {
+        self.previous
+            .get(node)
+            .is_some_and(|n| workflows::holds_slot(n.state))
+    }
+
+    /// Why the node's pod must be replaced, if it must.
+    fn replacement(&self, pod: &Pod) -> Option<String> {
+        drift(pod, self.rendered, &self.ic.spec.image)
+    }
+
+    fn budget(&self, cluster: &ValidatedCluster) -> Budget {
+        let leaving = self
+            .pods
+            .keys()
+            .filter(|n| !cluster.members.iter().any(|m| m.name == **n))
+            .copied();
+        let slots_used = cluster
+            .members
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain(leaving)
+            .filter(|n| self.holds_slot(n))
+            .count();
+        Budget {
+            slots_used,
+            unavailable: 0,
+            online: self
+                .pods
+                .iter()
+                .filter(|(n, p)| {
+                    cluster.members.iter().any(|m| m.name == **n) && workload::is_online(p)
+                })
+                .map(|(n, _)| (*n).to_owned())
+                .collect(),
+        }
+    }
+
+    fn facts(&self, node: &str, pod: Option<&Pod>, slot_free: bool, budget: &Budget) -> Facts {
+        let before = self.previous.get(node);
+        let now = self.observed.now;
+        Facts {
+            pod: pod_facts(pod, now),
+            in_state_seconds: before
+                .and_then(|n| n.since.as_ref())
+                .map_or(0, |t| now.as_second() - t.0.as_second()),
+            drain_timeout_seconds: i64::from(
+                self.ic
+                    .spec
+                    .nodes
+                    .clone()
+                    .unwrap_or_default()
+                    .drain_timeout_seconds,
+            ),
+            force: self.forced.contains(node),
+            slot_free,
+            last_online: budget.online.len() == 1 && budget.online.contains(node),
+            holds_listener: self.observed.listener_holders.iter().any(|h| h == node),
+            gd: match self.observed.gd {
+                None => GdWork::NotTracked,
+                Some(Err(())) => GdWork::Unknown,
+                Some(Ok(counts)) => GdWork::Unfinished(counts.get(node).copied().unwrap_or(0)),
+            },
+        }
+    }
+
+    /// Decides one node's next step and spends the budget it takes.
+    fn decide(
+        &self,
+        node: &str,
+        intent: Intent,
+        slot_free: bool,
+        plan: &mut Plan,
+        budget: &mut Budget,
+    ) -> workflows::Decision {
+        let pod = self.pods.get(node).copied();
+        let facts = self.facts(node, pod, slot_free, budget);
+        let previous = self.previous.get(node).map(|n| n.state);
+        let decision = workflows::decide(node, previous, intent, &facts);
+        if !self.holds_slot(node) && workflows::holds_slot(decision.state) {
+            budget.slots_used += 1;
+        }
+        if decision.steps.contains(&Step::SetOnline(false)) {
+            budget.online.remove(node);
+        }
+        if let Some(why) = &decision.stalled {
+            plan.stalled.get_or_insert(why.clone());
+        }
+        if decision.forced {
+            plan.forced.push(node.to_owned());
+        }
+        decision
+    }
+
+    /// The actions of a decision's steps.
+    fn actions(
+        &self,
+        member: Option<&Member>,
+        node: &str,
+        steps: &[Step],
+        departure: Departure,
+    ) -> Vec<Action> {
+        let spec = &self.ic.spec;
+        let mut actions = Vec::new();
+        for step in steps {
+            match (step, member) {
+                (Step::CreatePod, Some(member)) => {
+                    let claim = naming::data_claim(node);
+                    if let Some(storage) = &spec.storage
+                        && !self.claims.contains(claim.as_str())
+                    {
+                        actions.push(Action::CreateClaim(Box::new(workload::data_claim(
+                            self.ic, node, storage,
+                        ))));
+                    }
+                    actions.push(Action::CreatePod(Box::new(workload::pod(
+                        self.ic,
+                        self.rendered,
+                        member,
+                        self.observed.agent_image,
+                    ))));
+                }
+                (Step::CreatePod, None) => {}
+                (Step::SetOnline(online), _) => actions.push(Action::SetOnline {
+                    node: node.to_owned(),
+                    online: *online,
+                }),
+                (Step::AskOffline(offline), _) => actions.push(Action::AskOffline {
+                    node: node.to_owned(),
+                    offline: *offline,
+                }),
+                (Step::DeletePod, _) => {
+                    let leaves_for_good = !matches!(departure, Departure::Replaced(_));
+                    actions.push(Action::DeletePod {
+                        node: node.to_owned(),
+                        departure: departure.clone(),
+                    });
+                    let claim = naming::data_claim(node);
+                    if leaves_for_good && self.owns_claim(&claim) {
+                        actions.push(Action::DeleteClaim { name: claim });
+                    }
+                }
+            }
+        }
+        actions
+    }
+
+    /// Only claims the cluster owns are ever deleted, and only under
+    /// deletionPolicy Delete (a retained claim is owned by nobody).
+    fn owns_claim(&self, name: &str) -> bool {
+        self.ic.spec.deletion_policy == DeletionPolicy::Delete
+            && self.observed.claims.iter().any(|c| {
+                c.metadata.name.as_deref() == Some(name)
+                    && workload::is_owned_by(&c.metadata, self.ic)
+            })
+    }
+}
+
+fn pod_facts(pod: Option<&Pod>, now: Timestamp) -> PodFacts {
+    match pod {
+        None => PodFacts::Absent,
+        Some(p) if terminating(p) => PodFacts::Terminating,
+        Some(p) => PodFacts::Present {
+            containers_ready: workload::containers_ready(p),
+            online: workload::is_online(p),
+            ready: workload::is_ready(p),
+            serving: serving(p, now),
+            asked_offline: p
+                .annotations()
+                .get(annotations::DESIRED_STATE)
+                .is_some_and(|s| s == "offline"),
+            agent: Report::of(p).map(|r| AgentFacts {
+                quiesced: r.quiesced,
+                in_flight: r.in_flight,
+                healthy: r.healthy,
+            }),
+        },
+    }
+}
+
+/// Pods of nodes that are no longer members leave for good, highest
+/// first, through the same workflow as a removal (guaranteed-delivery
+/// work included).
+fn scale_down(ctx: &Context, cluster: &ValidatedCluster, plan: &mut Plan, budget: &mut Budget) {
+    let mut leaving: Vec<(u32, &str)> = ctx
+        .pods
+        .keys()
+        .filter(|n| !cluster.members.iter().any(|m| m.name == **n))
+        .filter_map(|n| Some((naming::node_ordinal(ctx.name(), n)?, *n)))
+        .collect();
+    leaving.sort_by_key(|(ordinal, _)| std::cmp::Reverse(*ordinal));
+    // No budget: the nodes leaving are no longer meant to serve, so
+    // draining them all at once costs no availability the spec asks for.
+    for (_, node) in leaving {
+        let decision = ctx.decide(node, Intent::Remove, true, plan, budget);
+        plan.actions
+            .extend(ctx.actions(None, node, &decision.steps, Departure::ScaledDown));
+        let pod = ctx.pods.get(node).copied();
+        plan.nodes.push(node_view(node, None, pod, &decision));
+    }
+}
+
+/// Claims of nodes that are gone, when the policy says they go.
+fn delete_orphan_claims(ctx: &Context, cluster: &ValidatedCluster, plan: &mut Plan) {
+    for claim in &ctx.claims {
+        let node = claim.strip_prefix("data-").unwrap_or_default();
+        let gone = !cluster.members.iter().any(|m| m.name == node) && !ctx.pods.contains_key(node);
+        if gone && ctx.owns_claim(claim) {
+            plan.actions.push(Action::DeleteClaim {
+                name: (*claim).to_owned(),
+            });
+        }
+    }
+}
+
+/// A member that is not being replaced: its spec intent's workflow, and
+/// what it adds to the counts and the rollout's stall.
+fn member_step(
+    ctx: &Context,
+    member: &Member,
+    intent: Intent,
+    plan: &mut Plan,
+    budget: &mut Budget,
+) {
+    let slot_free = ctx.holds_slot(&member.name) || budget.slots_used < ctx.max_unavailable;
+    let decision = ctx.decide(&member.name, intent, slot_free, plan, budget);
+    let departure = Departure::Removed;
+    plan.actions
+        .extend(ctx.actions(Some(member), &member.name, &decision.steps, departure));
+    let pod = ctx.pods.get(member.name.as_str()).copied();
+    let mut view = node_view(&member.name, Some(member), pod, &decision);
+    count(plan, pod, intent);
+    // Only nodes meant to serve take part in the rollout.
+    let serving = intent == Intent::Online && !workflows::holds_slot(decision.state);
+    match pod {
+        Some(p) if serving && !workload::is_ready(p) => {
+            budget.unavailable += 1;
+            let unready = unready_seconds(p, ctx.observed.now);
+            let deadline = i64::from(ctx.ic.spec.rollout.progress_deadline_seconds);
+            let waiting = !terminating(p) && decision.steps.is_empty();
+            if waiting && unready > deadline {
+                let why = format!(
+                    "{} is not Ready for {unready}s (rollout.progressDeadlineSeconds is {deadline})",
+                    member.name
+                );
+                plan.stalled.get_or_insert(why.clone());
+                view.message = Some(why);
+            } else if waiting {
+                plan.starting += 1;
+            }
+        }
+        None if serving => budget.unavailable += 1,
+        _ => {}
+    }
+    plan.nodes.push(view);
+}
+
+/// A member to replace: the same workflow, within what the budget leaves.
+/// A node that is not Ready costs no availability and goes at once;
+/// nothing new starts while the rollout is stalled or servers cannot
+/// start.
+fn replacement_step(ctx: &Context, candidate: &Candidate, plan: &mut Plan, budget: &mut Budget) {
+    let member = candidate.member;
+    let pod = ctx.pods.get(member.name.as_str()).copied();
+    plan.drifted
+        .insert(member.name.clone(), candidate.why.clone());
+    let broken = pod.is_some_and(|p| !workload::is_ready(p));
+    let may_start = plan.stalled.is_none()
+        && ctx.observed.start_blocked.is_none()
+        && budget.slots_used + budget.unavailable < ctx.max_unavailable;
+    let slot_free =
+        candidate.holds_slot || (broken && ctx.observed.start_blocked.is_none()) || may_start;
+    let decision = ctx.decide(&member.name, Intent::Replace, slot_free, plan, budget);
+    let departure = Departure::Replaced(candidate.why.clone());
+    plan.actions
+        .extend(ctx.actions(Some(member), &member.name, &decision.steps, departure));
+    let mut view = node_view(&member.name, Some(member), pod, &decision);
+    view.message = Some(format!("{} ({})", decision.message, candidate.why));
+    count(plan, pod, ctx.intent(member));
+    plan.nodes.push(view);
+}
+
+/// Ready, online and expected counts for status.
+fn count(plan: &mut Plan, pod: Option<&Pod>, intent: Intent) {
+    if intent == Intent::Online {
+        plan.expected += 1;
+    }
+    if let Some(p) = pod
+        && workload::is_ready(p)
+    {
+        plan.ready += 1;
+        if workload::is_online(p) {
+            plan.online += 1;
+        }
+    }
+}
+
+fn node_view(
+    node: &str,
+    member: Option<&Member>,
+    pod: Option<&Pod>,
+    decision: &workflows::Decision,
+) -> NodeView {
+    let (config, packages) = pod.map_or((None, None), |p| {
+        let (config, packages, _) = workload::digests_of(p);
+        (config.map(str::to_owned), packages.map(str::to_owned))
+    });
+    NodeView {
+        name: node.to_owned(),
+        state: decision.state,
+        ready: pod.is_some_and(workload::is_ready),
+        config_digest: config,
+        packages_digest: packages,
+        logical_hostname: member.map(|m| m.logical_hostname.clone()),
+        message: Some(decision.message.clone()).filter(|m| !m.is_empty()),
     }
 }
 
@@ -735,6 +861,58 @@ mod tests {
         );
     }
 
+    /// What the agent of `pod` reports, and what the operator asked it.
+    fn agent_reports(pod: &mut Pod, asked_offline: bool, quiesced: bool, in_flight: u64) {
+        let annotations = pod
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        let state = if quiesced { "quiesced" } else { "online" };
+        annotations.insert(annotations::SERVER_STATE.into(), state.into());
+        annotations.insert(annotations::IN_FLIGHT.into(), in_flight.to_string());
+        annotations.insert(annotations::SERVER_HEALTHY.into(), "true".into());
+        if asked_offline {
+            annotations.insert(annotations::DESIRED_STATE.into(), "offline".into());
+        }
+    }
+
+    #[test]
+    fn a_rolling_replacement_quiesces_and_drains_before_it_deletes() {
+        let old = cluster("");
+        let new = cluster("server: {properties: {threads: '64'}}\n");
+        let claims = claims(&new, &["c-0", "c-1", "c-2"]);
+        let mut observed = pods(&old, true, true);
+        for pod in &mut observed {
+            agent_reports(pod, false, false, 2);
+        }
+        assert_eq!(
+            kinds(&run(&new, &observed, &claims, 10)),
+            ["online c-0 false"]
+        );
+        // Out of the Service since second 0; the endpoint change has spread.
+        set(&mut observed[0], true, false);
+        let settled = workflows::ENDPOINT_SETTLE_SECONDS + 1;
+        assert_eq!(
+            kinds(&run(&new, &observed, &claims, settled)),
+            ["ask c-0 offline=true"]
+        );
+        agent_reports(&mut observed[0], true, true, 2);
+        let busy = run(&new, &observed, &claims, settled);
+        assert!(busy.actions.is_empty(), "{:?}", kinds(&busy));
+        let c0 = busy.nodes.iter().find(|n| n.name == "c-0").expect("c-0");
+        assert!(
+            c0.message
+                .as_deref()
+                .is_some_and(|m| m.contains("2 requests in flight")),
+            "{c0:?}"
+        );
+        agent_reports(&mut observed[0], true, true, 0);
+        assert_eq!(
+            kinds(&run(&new, &observed, &claims, settled)),
+            ["delete c-0"]
+        );
+    }
+
     #[test]
     fn a_replaced_node_that_never_gets_ready_stalls_the_rollout() {
         let old = cluster("");
@@ -833,7 +1011,12 @@ mod tests {
         set(&mut observed[2], true, false);
         assert_eq!(
             kinds(&run(&one, &observed, &all_claims, 10)),
-            ["delete c-2", "delete c-1"]
+            [
+                "delete c-2",
+                "delete claim data-c-2",
+                "delete c-1",
+                "delete claim data-c-1"
+            ]
         );
         observed.truncate(1);
         assert_eq!(
@@ -885,14 +1068,24 @@ mod tests {
     }
 
     #[test]
-    fn listener_holders_roll_last() {
-        let mut nodes = vec![
-            (0, "c-0".to_owned()),
-            (1, "c-1".to_owned()),
-            (2, "c-2".to_owned()),
-        ];
+    fn listener_holders_roll_last_and_nodes_on_their_way_first() {
+        let members: Vec<Member> = (0..4)
+            .map(|ordinal| Member {
+                name: format!("c-{ordinal}"),
+                ordinal,
+                logical_hostname: String::new(),
+            })
+            .collect();
+        let mut nodes: Vec<Candidate> = members
+            .iter()
+            .map(|member| Candidate {
+                member,
+                why: String::new(),
+                holds_slot: member.name == "c-3",
+            })
+            .collect();
         rollout_order(&mut nodes, &BTreeSet::from(["c-0".to_owned()]));
-        let order: Vec<_> = nodes.iter().map(|(_, n)| n.as_str()).collect();
-        assert_eq!(order, ["c-1", "c-2", "c-0"]);
+        let order: Vec<_> = nodes.iter().map(|c| c.member.name.as_str()).collect();
+        assert_eq!(order, ["c-3", "c-1", "c-2", "c-0"]);
     }
 }
