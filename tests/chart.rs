@@ -149,14 +149,15 @@ fn manifests_rules() -> Value {
 }
 
 #[test]
-fn watching_one_namespace_the_chart_binds_roles_and_nothing_cluster_wide() {
+fn watching_one_namespace_the_chart_binds_roles_and_reads_only_nodes_cluster_wide() {
     let docs = render(&["--set", "watchNamespace=team-a"]);
-    for kind in ["ClusterRole", "ClusterRoleBinding"] {
-        assert!(
-            !docs.iter().any(|d| d["kind"] == kind),
-            "no {kind} when one namespace is watched"
-        );
-    }
+    let cluster_roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "ClusterRole").collect();
+    assert_eq!(cluster_roles.len(), 1, "{cluster_roles:#?}");
+    assert_eq!(
+        cluster_roles[0]["rules"],
+        serde_json::json!([{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "list", "watch"]}]),
+        "cluster-wide, the operator only reads Nodes"
+    );
     let roles: Vec<&Value> = docs.iter().filter(|d| d["kind"] == "Role").collect();
     let watched = roles
         .iter()

@@ -188,3 +188,143 @@ async fn the_last_online_node_needs_force() {
     );
     delete_namespace(&client, &ns).await;
 }
+
+/// Two kwok nodes of this test's own (tainted, so no other test's pods
+/// land there, and labelled, so this test's pods land only there).
+async fn own_nodes(client: &Client, ns: &str) -> [String; 2] {
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    let names = [format!("{ns}-a"), format!("{ns}-b")];
+    for (i, name) in names.iter().enumerate() {
+        let node = json!({
+            "apiVersion": "v1", "kind": "Node",
+            "metadata": {"name": name, "labels": {
+                "kubernetes.io/hostname": name, "type": "kwok", "test-drain": ns}},
+            "spec": {"taints": [{"key": "test-drain", "value": ns, "effect": "NoSchedule"}]},
+            "status": {
+                "allocatable": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                "capacity": {"cpu": "32", "memory": "256Gi", "pods": "110"},
+                "addresses": [{"type": "InternalIP", "address": format!("192.0.2.{}", 200 + i)}],
+            },
+        });
+        nodes
+            .patch(
+                name,
+                &PatchParams::apply("tests").force(),
+                &Patch::Apply(&node),
+            )
+            .await
+            .expect("create node");
+    }
+    names
+}
+
+/// Write requests of `user` on pods in `ns`, in order: "verb resource/sub name".
+fn pod_writes(ns: &str, user: &str) -> Vec<String> {
+    let log = std::fs::read_to_string(state_dir().join("audit.log")).expect("read audit log");
+    log.lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .filter(|e| e["stage"] == "ResponseComplete" && e["objectRef"]["namespace"] == ns)
+        .filter(|e| e["user"]["username"] == user && e["objectRef"]["resource"] == "pods")
+        .map(|e| {
+            format!(
+                "{} pods/{} {} {}",
+                e["verb"].as_str().unwrap_or_default(),
+                e["objectRef"]["subresource"].as_str().unwrap_or_default(),
+                e["objectRef"]["name"].as_str().unwrap_or_default(),
+                e["responseStatus"]["code"]
+            )
+        })
+        .collect()
+}
+
+/// `kubectl drain` of a Kubernetes node: the disruption budget refuses the
+/// evictions, and the operator, seeing the node cordoned, moves each server
+/// pod through the node workflow (out of the Service first, then deleted
+/// and created again elsewhere); the drain then completes.
+#[tokio::test]
+async fn draining_a_kubernetes_node_moves_each_server_pod_through_the_workflow() {
+    let client = admin().await;
+    let ns = namespace(&client, "drain").await;
+    let [a, b] = own_nodes(&client, &ns).await;
+    let _operator = Operator::start(&ns);
+    let spec = format!(
+        "{}  scheduling:\n    nodeSelector: {{test-drain: {ns}}}\n    \
+         tolerations: [{{key: test-drain, operator: Exists, effect: NoSchedule}}]\n",
+        CLUSTER.replace("replicas: 3", "replicas: 2")
+    );
+    create_yaml(&client, &ns, &spec).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "c", "phase Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    let host = |p: &Pod| {
+        p.spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .unwrap_or_default()
+    };
+    let before = pods.list(&ListParams::default()).await.expect("pods").items;
+    let drained = if before.iter().any(|p| host(p) == a) {
+        &a
+    } else {
+        &b
+    };
+    let moving: Vec<String> = before
+        .iter()
+        .filter(|p| host(p) == *drained)
+        .map(ResourceExt::name_any)
+        .collect();
+    assert!(!moving.is_empty());
+
+    let node = drained.clone();
+    let drain = tokio::task::spawn_blocking(move || {
+        kubectl_output(&[
+            "drain",
+            &node,
+            "--ignore-daemonsets",
+            "--delete-emptydir-data",
+            "--timeout=150s",
+            "--pod-selector=integration.dev/cluster=c",
+        ])
+    });
+    let output = drain.await.expect("drain finished");
+    assert!(
+        output.status.success(),
+        "kubectl drain: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let after = status_when(&api, "c", "phase Ready again", |s| {
+        s.phase == Some(Phase::Ready)
+    })
+    .await;
+    assert_eq!(after.nodes.len(), 2);
+    let now = pods.list(&ListParams::default()).await.expect("pods").items;
+    assert!(
+        now.iter().all(|p| host(p) != *drained),
+        "no server pod is left on the drained node"
+    );
+    let operator = pod_writes(&ns, "integration-operator");
+    for pod in &moving {
+        let gate = operator
+            .iter()
+            .position(|w| w.starts_with(&format!("patch pods/status {pod} 200")))
+            .unwrap_or_else(|| panic!("{pod} taken out of the Service: {operator:#?}"));
+        let delete = operator
+            .iter()
+            .rposition(|w| w.starts_with(&format!("delete pods/ {pod} 200")))
+            .unwrap_or_else(|| panic!("the operator deleted {pod}: {operator:#?}"));
+        assert!(
+            gate < delete,
+            "{pod}: offline before deleted: {operator:#?}"
+        );
+    }
+    let evicted: Vec<String> = pod_writes(&ns, "admin")
+        .into_iter()
+        .filter(|w| w.starts_with("create pods/eviction") && w.ends_with(" 201"))
+        .collect();
+    assert!(evicted.is_empty(), "no server pod was evicted: {evicted:?}");
+    let nodes: Api<k8s_openapi::api::core::v1::Node> = Api::all(client.clone());
+    for name in [&a, &b] {
+        let _ = nodes.delete(name, &Default::default()).await;
+    }
+    delete_namespace(&client, &ns).await;
+}

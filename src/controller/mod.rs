@@ -20,7 +20,7 @@ mod plan;
 mod sources;
 mod status;
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -28,14 +28,14 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
-use kube::runtime::reflector::{self, Store};
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::utils::PredicateConfig;
 use kube::runtime::{Predicate, WatchStreamExt, predicates, watcher};
 use kube::{Client, Resource, ResourceExt};
@@ -147,6 +147,24 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// The agent image for pods whose spec names none.
     pub agent_image: String,
+    /// Every Kubernetes node, for the cordoned ones.
+    pub nodes: Store<Node>,
+}
+
+/// Kubernetes nodes marked unschedulable.
+fn cordoned(nodes: &Store<Node>) -> BTreeSet<String> {
+    nodes
+        .state()
+        .iter()
+        .filter(|n| n.spec.as_ref().and_then(|s| s.unschedulable) == Some(true))
+        .map(|n| n.name_any())
+        .collect()
+}
+
+/// What of a node wakes the controller: being cordoned or uncordoned.
+fn schedulable(node: &Node) -> Option<u64> {
+    let cordoned = node.spec.as_ref().and_then(|s| s.unschedulable) == Some(true);
+    Some(u64::from(cordoned))
 }
 
 impl Context {
@@ -258,7 +276,28 @@ pub async fn run(
                 .combine(predicates::finalizers),
             PredicateConfig::default(),
         );
+    // A cordoned node's server pods are moved by the operator, through the
+    // node workflow; every cluster looks at its pods when a node's
+    // schedulability changes (rare, and a reconcile that finds nothing
+    // to do writes nothing).
+    let (nodes, node_writer) = reflector::store::<Node>();
+    let node_changes = watcher(
+        Api::<Node>::all(watches.clone()),
+        watcher::Config::default().any_semantic(),
+    )
+    .default_backoff()
+    .reflect(node_writer)
+    .touched_objects()
+    .predicate_filter(schedulable, PredicateConfig::default());
+    let everyone = store.clone();
     let controller = Controller::for_stream(clusters, store)
+        .watches_stream(node_changes, move |_| {
+            everyone
+                .state()
+                .iter()
+                .map(|ic| ObjectRef::from_obj(ic.as_ref()))
+                .collect::<Vec<_>>()
+        })
         .owns(owned_api::<Pod>(&watches, &scope), owned.clone())
         .owns(owned_api::<Service>(&watches, &scope), owned.clone())
         .owns(owned_api::<ConfigMap>(&watches, &scope), owned.clone())
@@ -289,6 +328,7 @@ pub async fn run(
         databases: database::Databases::default(),
         metrics,
         agent_image,
+        nodes,
     });
     info!(?scope, "controller started");
     controller
@@ -499,6 +539,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         gd: gd.as_ref().map(|r| r.as_ref().map_err(|_| ())),
         start_blocked: start_blocked.as_deref(),
         listener_holders: &listener_holders,
+        cordoned: &cordoned(&ctx.nodes),
         agent_image: &ctx.agent_image,
         now: Timestamp::now(),
     };

@@ -43,6 +43,9 @@ pub struct Observed<'a> {
     pub listener_holders: &'a [String],
     /// The agent image for pods whose spec names none (`--agent-image`).
     pub agent_image: &'a str,
+    /// Kubernetes nodes marked unschedulable (`kubectl cordon`, the first
+    /// step of `kubectl drain`): their server pods are moved elsewhere.
+    pub cordoned: &'a BTreeSet<String>,
     pub now: Timestamp,
 }
 
@@ -230,6 +233,8 @@ struct Budget {
 struct Candidate<'a> {
     member: &'a Member,
     why: String,
+    /// Drift, rather than a cordoned Kubernetes node.
+    drifted: bool,
     holds_slot: bool,
 }
 
@@ -250,11 +255,14 @@ pub fn plan(
         let pod = ctx.pods.get(member.name.as_str()).copied();
         let why = pod.and_then(|p| ctx.replacement(p));
         match (intent, why) {
-            (Intent::Online | Intent::Offline, Some(why)) => candidates.push(Candidate {
-                member,
-                why,
-                holds_slot: ctx.holds_slot(&member.name),
-            }),
+            (Intent::Online | Intent::Offline, Some((why, drifted))) => {
+                candidates.push(Candidate {
+                    member,
+                    why,
+                    drifted,
+                    holds_slot: ctx.holds_slot(&member.name),
+                })
+            }
             _ => member_step(&ctx, member, intent, &mut plan, &mut budget),
         }
     }
@@ -333,9 +341,17 @@ impl<'a> Context<'a> {
             .is_some_and(|n| workflows::holds_slot(n.state))
     }
 
-    /// Why the node's pod must be replaced, if it must.
-    fn replacement(&self, pod: &Pod) -> Option<String> {
-        drift(pod, self.rendered, &self.ic.spec.image)
+    /// Why the node's pod must be replaced, if it must, and whether that
+    /// is drift (reported as such in status).
+    fn replacement(&self, pod: &Pod) -> Option<(String, bool)> {
+        if let Some(why) = drift(pod, self.rendered, &self.ic.spec.image) {
+            return Some((why, true));
+        }
+        let host = pod.spec.as_ref()?.node_name.as_ref()?;
+        self.observed
+            .cordoned
+            .contains(host)
+            .then(|| (format!("its Kubernetes node {host} is cordoned"), false))
     }
 
     fn budget(&self, cluster: &ValidatedCluster) -> Budget {
@@ -591,8 +607,10 @@ fn member_step(
 fn replacement_step(ctx: &Context, candidate: &Candidate, plan: &mut Plan, budget: &mut Budget) {
     let member = candidate.member;
     let pod = ctx.pods.get(member.name.as_str()).copied();
-    plan.drifted
-        .insert(member.name.clone(), candidate.why.clone());
+    if candidate.drifted {
+        plan.drifted
+            .insert(member.name.clone(), candidate.why.clone());
+    }
     let broken = pod.is_some_and(|p| !workload::is_ready(p));
     let may_start = plan.stalled.is_none()
         && ctx.observed.start_blocked.is_none()
@@ -744,6 +762,7 @@ mod tests {
                 start_blocked: None,
                 listener_holders: &[],
                 agent_image: workload::AGENT_IMAGE,
+                cordoned: &BTreeSet::new(),
                 now: at(now),
             },
         )
@@ -1081,6 +1100,7 @@ mod tests {
             .map(|member| Candidate {
                 member,
                 why: String::new(),
+                drifted: true,
                 holds_slot: member.name == "c-3",
             })
             .collect();

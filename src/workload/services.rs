@@ -64,18 +64,18 @@ pub fn config_map(ic: &IntegrationCluster, rendered: &Rendered) -> ConfigMap {
     }
 }
 
-/// Limits voluntary evictions (node drains) to the rollout budget. The
-/// operator deletes pods itself rather than evicting them, so the budget
-/// never blocks its own rolling replacement. An integer minAvailable,
-/// because the disruption controller can compute a maxUnavailable budget
-/// only for owners with a scale subresource.
+/// Refuses every voluntary eviction of a server pod: `kubectl drain` and
+/// other evictions wait while the operator moves the pods itself, through
+/// the node workflow (quiesce, drain, then delete), once it sees the
+/// Kubernetes node cordoned. The operator deletes pods rather than evicting
+/// them, so the budget never blocks its own work. The disruption
+/// controller reads the expected count through the cluster's scale
+/// subresource.
 pub fn disruption_budget(ic: &IntegrationCluster) -> PodDisruptionBudget {
     PodDisruptionBudget {
         metadata: owned_meta(ic, name(ic).to_owned(), "server"),
         spec: Some(PodDisruptionBudgetSpec {
-            min_available: Some(IntOrString::Int(
-                (ic.spec.replicas - ic.spec.rollout.max_unavailable).max(0),
-            )),
+            max_unavailable: Some(IntOrString::Int(0)),
             selector: Some(LabelSelector {
                 match_labels: Some(server_selector(ic)),
                 ..LabelSelector::default()

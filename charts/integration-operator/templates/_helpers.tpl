@@ -70,4 +70,7 @@ as manifests/rbac.yaml (a test compares them). */}}
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
+- apiGroups: [""]
+  resources: [nodes]
+  verbs: [get, list, watch]                       # cordoned nodes: their server pods are moved through the node workflow
 {{- end -}}
