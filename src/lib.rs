@@ -22,6 +22,7 @@ pub mod listeners;
 pub mod metrics;
 pub mod naming;
 pub mod plugin;
+pub mod protocol;
 pub mod render;
 pub mod telemetry;
 pub mod validation;

@@ -79,32 +79,6 @@ pub mod labels {
     pub const OPERATOR: &str = "integration-operator";
 }
 
-/// Annotation keys on server pods. The operator and the in-pod agent talk
-/// only through these (and the online gate): the operator writes the
-/// desired state, the agent reports what its server does.
-pub mod annotations {
-    pub const CONFIG_DIGEST: &str = "integration.dev/config-digest";
-    pub const PACKAGES_DIGEST: &str = "integration.dev/packages-digest";
-    /// Operator → agent: `online` or `offline` (quiesced).
-    pub const DESIRED_STATE: &str = "integration.dev/desired-state";
-    /// Agent → operator: `online` or `quiesced`.
-    pub const SERVER_STATE: &str = "integration.dev/server-state";
-    /// Agent → operator: requests the server is still working on.
-    pub const IN_FLIGHT: &str = "integration.dev/in-flight";
-    /// Agent → operator: digest of the package set found installed, or
-    /// `incomplete`.
-    pub const INSTALLED_PACKAGES: &str = "integration.dev/installed-packages";
-    /// Agent → operator: digest of the configuration files the node reads,
-    /// as mounted in the pod.
-    pub const CONFIG_FILES: &str = "integration.dev/config-files";
-    /// Agent → operator: `true` when the server's health endpoint answers.
-    pub const SERVER_HEALTHY: &str = "integration.dev/server-healthy";
-}
-
-/// Pod condition the operator owns: True means the node is online and may
-/// get client traffic (a readiness gate on every server pod).
-pub const ONLINE_CONDITION: &str = "integration.dev/online";
-
 /// The client Service: ready and online nodes only.
 pub fn client_service(cluster: &str) -> String {
     cluster.to_owned()

@@ -17,7 +17,7 @@ use tracing::{info, warn};
 
 use crate::api::ListenerSpec;
 use crate::listeners::{ListenerHooks, Listeners};
-use crate::naming::annotations;
+use crate::protocol::{Desired, Report};
 use hooks::Hooks;
 
 /// Field manager of the agent's writes (its pod's report, listener Leases).
@@ -39,59 +39,6 @@ pub enum AgentError {
         #[source]
         source: kube::Error,
     },
-}
-
-/// What the agent reports, as it appears in the pod's annotations.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct Report {
-    pub quiesced: bool,
-    pub in_flight: Option<u64>,
-    pub healthy: bool,
-    /// Digest of the package set installed, `incomplete` when a package is
-    /// missing or altered, None when the agent has no package list.
-    pub installed_packages: Option<String>,
-    /// Digest of the configuration files mounted in the pod.
-    pub config_files: Option<String>,
-}
-
-impl Report {
-    fn annotations(&self) -> BTreeMap<String, String> {
-        let mut map = BTreeMap::from([
-            (
-                annotations::SERVER_STATE.to_owned(),
-                if self.quiesced { "quiesced" } else { "online" }.to_owned(),
-            ),
-            (
-                annotations::SERVER_HEALTHY.to_owned(),
-                self.healthy.to_string(),
-            ),
-        ]);
-        if let Some(n) = self.in_flight {
-            map.insert(annotations::IN_FLIGHT.to_owned(), n.to_string());
-        }
-        if let Some(digest) = &self.installed_packages {
-            map.insert(annotations::INSTALLED_PACKAGES.to_owned(), digest.clone());
-        }
-        if let Some(digest) = &self.config_files {
-            map.insert(annotations::CONFIG_FILES.to_owned(), digest.clone());
-        }
-        map
-    }
-
-    /// The report a pod carries, if its agent wrote one.
-    pub fn of(pod: &Pod) -> Option<Report> {
-        let a = pod.metadata.annotations.as_ref()?;
-        let state = a.get(annotations::SERVER_STATE)?;
-        Some(Report {
-            quiesced: state == "quiesced",
-            in_flight: a.get(annotations::IN_FLIGHT).and_then(|n| n.parse().ok()),
-            healthy: a
-                .get(annotations::SERVER_HEALTHY)
-                .is_some_and(|h| h == "true"),
-            installed_packages: a.get(annotations::INSTALLED_PACKAGES).cloned(),
-            config_files: a.get(annotations::CONFIG_FILES).cloned(),
-        })
-    }
 }
 
 /// Publishes a Warning Event about this pod; best effort, since the agent
@@ -172,12 +119,9 @@ fn online(pod: &Pod) -> bool {
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| {
             cs.iter()
-                .any(|c| c.type_ == crate::naming::ONLINE_CONDITION && c.status == "True")
+                .any(|c| c.type_ == crate::protocol::ONLINE_CONDITION && c.status == "True")
         });
-    let offline = pod
-        .annotations()
-        .get(annotations::DESIRED_STATE)
-        .is_some_and(|s| s == "offline");
+    let offline = Desired::of(pod) == Desired::Offline;
     gate && !offline && pod.metadata.deletion_timestamp.is_none()
 }
 
@@ -267,10 +211,7 @@ pub async fn watch(
             *was = now;
             changed
         });
-        let want_offline = pod
-            .annotations()
-            .get(annotations::DESIRED_STATE)
-            .is_some_and(|s| s == "offline");
+        let want_offline = Desired::of(&pod) == Desired::Offline;
         // A node going offline hands its listeners over first.
         let handing_over = listeners.as_ref().is_some_and(|(l, _)| l.holds_any());
         if want_offline && !quiesced && handing_over {

@@ -24,6 +24,40 @@ pub mod condition {
     pub const STALLED: &str = "Stalled";
 }
 
+/// Annotations a person sets on a cluster, read in one place.
+pub mod annotations {
+    use std::collections::BTreeSet;
+
+    use kube::ResourceExt;
+
+    use super::IntegrationCluster;
+
+    /// Nodes (comma-separated) whose workflow may pass its safety stops:
+    /// the drain timeout of a removal, or taking the last online node
+    /// offline.
+    pub const FORCE: &str = "integration.dev/force";
+    /// `"true"` waives the database cleanup of a cluster being deleted.
+    pub const SKIP_CLEANUP: &str = "integration.dev/skip-cleanup";
+
+    /// The nodes the force annotation names.
+    pub fn forced(ic: &IntegrationCluster) -> BTreeSet<String> {
+        ic.annotations()
+            .get(FORCE)
+            .map(|v| {
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|n| !n.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub fn cleanup_waived(ic: &IntegrationCluster) -> bool {
+        ic.annotations().get(SKIP_CLEANUP).map(String::as_str) == Some("true")
+    }
+}
+
 /// The CRD as YAML, exactly what `crds/` holds.
 pub fn crd_yaml() -> Result<String, serde_saphyr::SerializeError> {
     let crd = IntegrationCluster::crd();

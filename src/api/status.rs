@@ -105,6 +105,22 @@ pub enum NodeState {
     Replacing,
 }
 
+/// As status spells it (the serde name), also in the cluster database's
+/// member table.
+impl std::fmt::Display for NodeState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            NodeState::Pending => "Pending",
+            NodeState::Online => "Online",
+            NodeState::Draining => "Draining",
+            NodeState::Offline => "Offline",
+            NodeState::Removing => "Removing",
+            NodeState::Removed => "Removed",
+            NodeState::Replacing => "Replacing",
+        })
+    }
+}
+
 /// Who holds a single-node listener.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
@@ -157,4 +173,25 @@ pub struct DatabaseStatus {
     /// host, port, database).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub credentials_secret: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn node_states_display_as_status_spells_them() {
+        for state in [
+            NodeState::Pending,
+            NodeState::Online,
+            NodeState::Draining,
+            NodeState::Offline,
+            NodeState::Removing,
+            NodeState::Removed,
+            NodeState::Replacing,
+        ] {
+            let serialized = serde_json::to_value(state).expect("serialize");
+            assert_eq!(serialized, state.to_string());
+        }
+    }
 }

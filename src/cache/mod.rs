@@ -22,7 +22,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use crate::api::{CacheMode, IntegrationCluster, Mode, SecretKeyRef};
-use crate::naming::{self, annotations};
+use crate::naming;
+use crate::protocol::keys;
 use crate::render;
 use crate::workload::owned_meta;
 use crate::workload::stateful::{
@@ -286,7 +287,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
         metadata: Some(ObjectMeta {
             labels: Some(component_labels(ic, COMPONENT)),
             annotations: Some(BTreeMap::from([(
-                annotations::CONFIG_DIGEST.to_owned(),
+                keys::CONFIG_DIGEST.to_owned(),
                 render::text_digest(&config),
             )])),
             ..ObjectMeta::default()
@@ -558,7 +559,7 @@ pub(crate) mod tests {
                 .and_then(|s| s.spec)
                 .and_then(|s| s.template.metadata)
                 .and_then(|m| m.annotations)
-                .and_then(|a| a.get(annotations::CONFIG_DIGEST).cloned())
+                .and_then(|a| a.get(keys::CONFIG_DIGEST).cloned())
                 .expect("digest")
         };
         let mut ic = sample();

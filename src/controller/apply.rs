@@ -25,7 +25,8 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
 use crate::database::managed;
-use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
+use crate::naming::{self, labels};
+use crate::protocol::{self, ONLINE_CONDITION};
 use crate::render::Rendered;
 use crate::validation::ValidatedCluster;
 use crate::workload;
@@ -308,12 +309,16 @@ pub async fn execute(
                 info!(cluster = %ic.name_any(), %node, online, "set online gate");
             }
             Action::AskOffline { node, offline } => {
-                let desired = if *offline { "offline" } else { "online" };
-                let patch = serde_json::json!({"metadata": {"annotations": {annotations::DESIRED_STATE: desired}}});
+                let desired = if *offline {
+                    protocol::Desired::Offline
+                } else {
+                    protocol::Desired::Online
+                };
+                let patch = desired.patch();
                 pods.patch(node, &super::merge_params(), &Patch::Merge(&patch))
                     .await
                     .map_err(write(format!("ask {node} to go {desired}")))?;
-                info!(cluster = %ic.name_any(), %node, desired, "asked the agent");
+                info!(cluster = %ic.name_any(), %node, %desired, "asked the agent");
             }
             Action::DeletePod { node, departure } => {
                 ignore_missing(

@@ -9,7 +9,7 @@
 //! server goes with its StatefulSet and volume). Cleanup never creates an
 //! object and is bounded: a database that cannot be dropped within
 //! [`DEADLINE`] of the deletion request, a missing or unusable admin
-//! Secret, or the [`SKIP_ANNOTATION`] end it with a Warning Event that
+//! Secret, or the skip-cleanup annotation end it with a Warning Event that
 //! names what was left behind. A namespace
 //! being deleted therefore never waits on an unreachable database.
 
@@ -21,13 +21,8 @@ use kube::runtime::events::EventType;
 use tracing::warn;
 
 use super::{Context, Error, RETRY, apply, database};
-use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
+use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster, annotations};
 use crate::database::ErrorClass;
-
-/// Annotation by which a person waives the database cleanup of a cluster
-/// being deleted (`"true"`): the finalizer goes at once and the database
-/// is left as it is.
-pub const SKIP_ANNOTATION: &str = "integration.dev/skip-cleanup";
 
 /// How long after the deletion request the operator keeps trying to drop
 /// a database it cannot reach.
@@ -83,9 +78,10 @@ async fn drop_database(ic: &IntegrationCluster, ctx: &Context) -> Option<Duratio
         return None;
     }
     let target = database::drop_target(ic);
-    if ic.annotations().get(SKIP_ANNOTATION).map(String::as_str) == Some("true") {
+    if annotations::cleanup_waived(ic) {
         let note = format!(
-            "{SKIP_ANNOTATION}: the database cleanup was waived; {target} are left behind (drop them by hand when no longer needed)"
+            "{}: the database cleanup was waived; {target} are left behind (drop them by hand when no longer needed)",
+            annotations::SKIP_CLEANUP
         );
         apply::publish(ctx, ic, EventType::Warning, "CleanupWaived", note).await;
         return None;

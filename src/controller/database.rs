@@ -601,11 +601,7 @@ pub async fn after_apply(
     plan: &plan::Plan,
 ) -> Option<Duration> {
     let live: Vec<String> = pods.iter().map(ResourceExt::name_any).collect();
-    let forced: Vec<String> = ic
-        .annotations()
-        .get(plan::FORCE_ANNOTATION)
-        .map(|v| v.split(',').map(|n| n.trim().to_owned()).collect())
-        .unwrap_or_default();
+    let forced: Vec<String> = crate::api::annotations::forced(ic).into_iter().collect();
     let lock_break = ic
         .spec
         .database
@@ -642,7 +638,7 @@ pub async fn after_apply(
             (
                 n.name.clone(),
                 n.logical_hostname.clone().unwrap_or_default(),
-                format!("{:?}", n.state),
+                n.state.to_string(),
             )
         })
         .collect();

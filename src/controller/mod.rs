@@ -594,7 +594,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     for node in &plan.forced {
         let note = format!(
             "{node}: drain timeout overridden by the {} annotation",
-            plan::FORCE_ANNOTATION
+            crate::api::annotations::FORCE
         );
         apply::publish(ctx, ic, EventType::Warning, "ForcedRemoval", note).await;
     }

@@ -16,15 +16,12 @@ use std::collections::{BTreeMap, BTreeSet};
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::agent::Report;
-use crate::api::{DeletionPolicy, IntegrationCluster, NodeState, NodeStatus};
-use crate::naming::annotations;
+use crate::api::{DeletionPolicy, IntegrationCluster, NodeState, NodeStatus, annotations};
+use crate::protocol::keys;
+use crate::protocol::{Desired, Report};
 use crate::workflows::{self, AgentFacts, Facts, GdWork, Intent, PodFacts, Step};
 use kube::ResourceExt;
 
-/// Nodes (comma-separated) whose workflow may pass its safety stops: the
-/// drain timeout of a removal, or taking the last online node offline.
-pub const FORCE_ANNOTATION: &str = "integration.dev/force";
 use crate::naming;
 use crate::render::Rendered;
 use crate::validation::{Member, ValidatedCluster};
@@ -117,14 +114,14 @@ pub fn drift(pod: &Pod, rendered: &Rendered, image: &str) -> Option<String> {
     if packages != Some(rendered.packages_digest.as_str()) {
         return Some("package set changed".into());
     }
-    if let Some(files) = pod.annotations().get(annotations::CONFIG_FILES)
+    if let Some(files) = pod.annotations().get(keys::CONFIG_FILES)
         && *files != rendered.files_digest(name)
     {
         return Some(format!(
             "configuration files in the pod differ from the ConfigMap (the agent reports {files})"
         ));
     }
-    if let Some(installed) = pod.annotations().get(annotations::INSTALLED_PACKAGES)
+    if let Some(installed) = pod.annotations().get(keys::INSTALLED_PACKAGES)
         && installed != &rendered.packages_digest
     {
         return Some(format!(
@@ -214,7 +211,7 @@ struct Context<'a> {
     pods: BTreeMap<&'a str, &'a Pod>,
     claims: BTreeSet<&'a str>,
     previous: BTreeMap<&'a str, &'a NodeStatus>,
-    forced: BTreeSet<&'a str>,
+    forced: BTreeSet<String>,
     max_unavailable: usize,
 }
 
@@ -310,11 +307,7 @@ impl<'a> Context<'a> {
                 .flat_map(|s| s.nodes.iter())
                 .map(|n| (n.name.as_str(), n))
                 .collect(),
-            forced: ic
-                .annotations()
-                .get(FORCE_ANNOTATION)
-                .map(|v| v.split(',').map(str::trim).collect())
-                .unwrap_or_default(),
+            forced: annotations::forced(ic),
             max_unavailable: usize::try_from(ic.spec.rollout.max_unavailable).unwrap_or(1),
         }
     }
@@ -510,10 +503,7 @@ fn pod_facts(pod: Option<&Pod>, now: Timestamp) -> PodFacts {
             online: workload::is_online(p),
             ready: workload::is_ready(p),
             serving: serving(p, now),
-            asked_offline: p
-                .annotations()
-                .get(annotations::DESIRED_STATE)
-                .is_some_and(|s| s == "offline"),
+            asked_offline: Desired::of(p) == Desired::Offline,
             agent: Report::of(p).map(|r| AgentFacts {
                 quiesced: r.quiesced,
                 in_flight: r.in_flight,
@@ -666,7 +656,7 @@ fn node_view(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::naming::ONLINE_CONDITION;
+    use crate::protocol::ONLINE_CONDITION;
     use crate::render;
     use crate::validation;
     use k8s_openapi::api::core::v1::{PodCondition, PodStatus};
@@ -882,16 +872,22 @@ mod tests {
 
     /// What the agent of `pod` reports, and what the operator asked it.
     fn agent_reports(pod: &mut Pod, asked_offline: bool, quiesced: bool, in_flight: u64) {
+        let report = Report {
+            quiesced,
+            in_flight: Some(in_flight),
+            healthy: true,
+            ..Report::default()
+        };
         let annotations = pod
             .metadata
             .annotations
             .get_or_insert_with(Default::default);
-        let state = if quiesced { "quiesced" } else { "online" };
-        annotations.insert(annotations::SERVER_STATE.into(), state.into());
-        annotations.insert(annotations::IN_FLIGHT.into(), in_flight.to_string());
-        annotations.insert(annotations::SERVER_HEALTHY.into(), "true".into());
+        annotations.extend(report.annotations());
         if asked_offline {
-            annotations.insert(annotations::DESIRED_STATE.into(), "offline".into());
+            let patch = Desired::Offline.patch();
+            let asked: BTreeMap<String, String> =
+                serde_json::from_value(patch["metadata"]["annotations"].clone()).expect("map");
+            annotations.extend(asked);
         }
     }
 

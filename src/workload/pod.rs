@@ -18,7 +18,8 @@ use super::stateful::{self, container_port};
 use super::{owned_meta, server_selector};
 use crate::agent::init;
 use crate::api::{HealthScheme, IntegrationCluster, Profile};
-use crate::naming::{self, ONLINE_CONDITION, annotations, labels};
+use crate::naming::{self, labels};
+use crate::protocol::{ONLINE_CONDITION, keys};
 use crate::render::{self, CONFIG_DIR, Rendered, webmethods_is, wso2_carbon};
 
 /// The agent image when neither the spec nor the operator's `--agent-image`
@@ -247,7 +248,7 @@ pub fn pod(
     }
     meta.annotations = Some(BTreeMap::from([
         (
-            annotations::CONFIG_DIGEST.to_owned(),
+            keys::CONFIG_DIGEST.to_owned(),
             rendered
                 .node_digests
                 .get(&member.name)
@@ -255,7 +256,7 @@ pub fn pod(
                 .unwrap_or_default(),
         ),
         (
-            annotations::PACKAGES_DIGEST.to_owned(),
+            keys::PACKAGES_DIGEST.to_owned(),
             rendered.packages_digest.clone(),
         ),
     ]));
@@ -675,8 +676,8 @@ pub fn digests_of(pod: &Pod) -> (Option<&str>, Option<&str>, Option<&str>) {
         .and_then(|s| s.containers.iter().find(|c| c.name == "server"))
         .and_then(|c| c.image.as_deref());
     (
-        annotation(annotations::CONFIG_DIGEST),
-        annotation(annotations::PACKAGES_DIGEST),
+        annotation(keys::CONFIG_DIGEST),
+        annotation(keys::PACKAGES_DIGEST),
         image,
     )
 }
