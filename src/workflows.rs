@@ -11,7 +11,8 @@
 //!   forced;
 //! - replace (drift, a cordoned Kubernetes node): offline and drained the
 //!   same way, then `Replacing` while the pod is deleted and created again
-//!   from the current spec;
+//!   from the current spec; off a cordoned node, `Relocating`, and created
+//!   again only once the name has been free for [`RELOCATE_GAP_SECONDS`];
 //! - add back: a removed node returns `Offline` (seed 003), then goes online
 //!   when the spec no longer keeps it offline.
 //!
@@ -33,6 +34,14 @@ use crate::api::NodeState;
 /// 3,544 client requests of a rolling change; with this wait, none.
 /// `nodes.drainTimeoutSeconds` starts after it.
 pub const ENDPOINT_SETTLE_SECONDS: i64 = 5;
+
+/// Seconds a pod moved off a cordoned Kubernetes node stays absent before
+/// it is created again. `kubectl drain` retries a refused eviction every
+/// 5 s and follows the pod by name, not by uid: if the name is taken again
+/// before its next try, it goes on evicting the successor, which the
+/// disruption budget refuses until the drain times out. Absent (404) or
+/// terminating on that try, the drain is done with the pod.
+pub const RELOCATE_GAP_SECONDS: i64 = 7;
 
 /// What is asked of a node: by the spec (online, offline, remove), by a
 /// scale-down (remove), or by the operator (replace).
@@ -96,6 +105,8 @@ pub struct Facts {
     pub gd: GdWork,
     /// The node holds a single-node listener's Lease.
     pub holds_listener: bool,
+    /// The pod runs on a cordoned Kubernetes node.
+    pub on_cordoned_node: bool,
 }
 
 /// Unfinished guaranteed-delivery work of a node.
@@ -144,7 +155,7 @@ fn decision(state: NodeState, steps: Vec<Step>, message: impl Into<String>) -> D
 pub fn holds_slot(state: NodeState) -> bool {
     matches!(
         state,
-        NodeState::Draining | NodeState::Removing | NodeState::Replacing
+        NodeState::Draining | NodeState::Removing | NodeState::Replacing | NodeState::Relocating
     )
 }
 
@@ -160,6 +171,17 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
             decision(previous.unwrap_or(Pending), vec![], "pod terminating")
         }
 
+        (_, PodFacts::Absent)
+            if previous == Some(Relocating) && facts.in_state_seconds < RELOCATE_GAP_SECONDS =>
+        {
+            decision(
+                Relocating,
+                vec![],
+                format!(
+                    "moved off its cordoned Kubernetes node: created again {RELOCATE_GAP_SECONDS}s after the pod was deleted, so a kubectl drain sees it gone"
+                ),
+            )
+        }
         // A removed node added back returns offline (seed 003).
         (_, PodFacts::Absent) if was_removed => decision(
             Offline,
@@ -319,7 +341,7 @@ fn leave(
                 decision(Removing, vec![Step::DeletePod], "drained: deleting the pod")
             }
             Intent::Replace => decision(
-                Replacing,
+                replaced(facts),
                 vec![Step::DeletePod],
                 "drained: deleting the pod, to be created again from the current spec",
             ),
@@ -377,6 +399,15 @@ fn unfinished_work(gd: GdWork) -> Option<String> {
     }
 }
 
+/// The state of a node whose pod is deleted to be created again.
+fn replaced(facts: &Facts) -> NodeState {
+    if facts.on_cordoned_node {
+        NodeState::Relocating
+    } else {
+        NodeState::Replacing
+    }
+}
+
 /// A leaving node that has not drained: wait, stall past the drain
 /// timeout, or go on when forced.
 fn overdue(
@@ -388,7 +419,7 @@ fn overdue(
     waiting_for: &str,
 ) -> Decision {
     use NodeState::*;
-    let draining = matches!(previous, Some(Draining | Removing | Replacing));
+    let draining = matches!(previous, Some(Draining | Removing | Replacing | Relocating));
     // The drain allowance starts once clients are no longer sent to the
     // node: the settle time is not the server's to use up.
     let allowance = facts.drain_timeout_seconds + ENDPOINT_SETTLE_SECONDS;
@@ -401,7 +432,7 @@ fn overdue(
     }
     if facts.force {
         let state = if intent == Intent::Replace {
-            Replacing
+            replaced(facts)
         } else {
             Removing
         };
@@ -438,6 +469,7 @@ mod tests {
             slot_free: true,
             gd: GdWork::NotTracked,
             holds_listener: false,
+            on_cordoned_node: false,
             last_online: false,
         }
     }
@@ -798,6 +830,54 @@ mod tests {
         // Too late once the pod is being deleted: it comes back offline.
         let deleted = run(Some(Removing), Intent::Online, facts(PodFacts::Absent));
         assert_eq!(deleted, (Offline, vec![Step::CreatePod]));
+    }
+
+    #[test]
+    fn a_pod_moved_off_a_cordoned_node_keeps_its_name_free_for_the_gap() {
+        let cordoned = |pod, in_state_seconds| Facts {
+            on_cordoned_node: true,
+            in_state_seconds,
+            ..facts(pod)
+        };
+        assert_eq!(
+            run(
+                Some(Draining),
+                Intent::Replace,
+                cordoned(with_agent(true, true, Some(0)), 0)
+            ),
+            (Relocating, vec![Step::DeletePod])
+        );
+        assert_eq!(
+            run(
+                Some(Relocating),
+                Intent::Replace,
+                cordoned(PodFacts::Terminating, 1)
+            ),
+            (Relocating, vec![])
+        );
+        // Gone, on another node's terms from now: created again only after
+        // the gap, counted from the deletion.
+        let gone = |in_state_seconds| Facts {
+            in_state_seconds,
+            ..facts(PodFacts::Absent)
+        };
+        let early = decide(
+            "n-1",
+            Some(Relocating),
+            Intent::Online,
+            &gone(RELOCATE_GAP_SECONDS - 1),
+        );
+        assert_eq!((early.state, early.steps.clone()), (Relocating, vec![]));
+        assert!(early.message.contains("kubectl drain"), "{early:?}");
+        assert_eq!(
+            run(Some(Relocating), Intent::Online, gone(RELOCATE_GAP_SECONDS)),
+            (Pending, vec![Step::CreatePod])
+        );
+        // A drift replacement is created again at once.
+        assert_eq!(
+            run(Some(Replacing), Intent::Online, gone(0)),
+            (Pending, vec![Step::CreatePod])
+        );
     }
 
     #[test]

@@ -100,9 +100,12 @@ pub enum NodeState {
     Offline,
     Removing,
     Removed,
-    /// Leaving to be created again from the current spec (drift, or its
-    /// Kubernetes node is cordoned); it keeps its name.
+    /// Leaving to be created again from the current spec (drift); it
+    /// keeps its name.
     Replacing,
+    /// Leaving its cordoned Kubernetes node, to be created again on
+    /// another one under its name.
+    Relocating,
 }
 
 /// As status spells it (the serde name), also in the cluster database's
@@ -117,6 +120,7 @@ impl std::fmt::Display for NodeState {
             NodeState::Removing => "Removing",
             NodeState::Removed => "Removed",
             NodeState::Replacing => "Replacing",
+            NodeState::Relocating => "Relocating",
         })
     }
 }
@@ -189,6 +193,7 @@ mod tests {
             NodeState::Removing,
             NodeState::Removed,
             NodeState::Replacing,
+            NodeState::Relocating,
         ] {
             let serialized = serde_json::to_value(state).expect("serialize");
             assert_eq!(serialized, state.to_string());

@@ -613,9 +613,13 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         && plan.actions.is_empty()
         && plan.waiting.is_none();
     let mut next = if settled { RESYNC } else { RETRY };
-    for due in [db.as_ref().and_then(|v| v.retry_in), lock_break_in]
-        .into_iter()
-        .flatten()
+    for due in [
+        db.as_ref().and_then(|v| v.retry_in),
+        lock_break_in,
+        plan.recheck_in,
+    ]
+    .into_iter()
+    .flatten()
     {
         next = next.min(due.max(Duration::from_secs(1)));
     }

@@ -102,6 +102,9 @@ pub struct Plan {
     /// Why servers are neither started nor replaced now (the cache or the
     /// database they need is not there yet).
     pub waiting: Option<String>,
+    /// When the plan changes by the clock alone (a relocated node's gap
+    /// ends), sooner than the usual retry.
+    pub recheck_in: Option<std::time::Duration>,
 }
 
 /// Why `pod` differs from what `member` should run, if it does.
@@ -374,14 +377,19 @@ impl<'a> Context<'a> {
         }
     }
 
+    /// Seconds since the node entered the state status records for it.
+    fn seconds_in_state(&self, node: &str) -> i64 {
+        self.previous
+            .get(node)
+            .and_then(|n| n.since.as_ref())
+            .map_or(0, |t| self.observed.now.as_second() - t.0.as_second())
+    }
+
     fn facts(&self, node: &str, pod: Option<&Pod>, slot_free: bool, budget: &Budget) -> Facts {
-        let before = self.previous.get(node);
         let now = self.observed.now;
         Facts {
             pod: pod_facts(pod, now),
-            in_state_seconds: before
-                .and_then(|n| n.since.as_ref())
-                .map_or(0, |t| now.as_second() - t.0.as_second()),
+            in_state_seconds: self.seconds_in_state(node),
             drain_timeout_seconds: i64::from(
                 self.ic
                     .spec
@@ -394,6 +402,9 @@ impl<'a> Context<'a> {
             slot_free,
             last_online: budget.online.len() == 1 && budget.online.contains(node),
             holds_listener: self.observed.listener_holders.iter().any(|h| h == node),
+            on_cordoned_node: pod
+                .and_then(|p| p.spec.as_ref()?.node_name.as_ref())
+                .is_some_and(|host| self.observed.cordoned.contains(host)),
             gd: match self.observed.gd {
                 None => GdWork::NotTracked,
                 Some(Err(())) => GdWork::Unknown,
@@ -559,6 +570,11 @@ fn member_step(
 ) {
     let slot_free = ctx.holds_slot(&member.name) || budget.slots_used < ctx.max_unavailable;
     let decision = ctx.decide(&member.name, intent, slot_free, plan, budget);
+    if decision.state == NodeState::Relocating && decision.steps.is_empty() {
+        let left = workflows::RELOCATE_GAP_SECONDS - ctx.seconds_in_state(&member.name);
+        let due = std::time::Duration::from_secs(u64::try_from(left).unwrap_or(0).max(1));
+        plan.recheck_in = Some(plan.recheck_in.map_or(due, |d| d.min(due)));
+    }
     let departure = Departure::Removed;
     plan.actions
         .extend(ctx.actions(Some(member), &member.name, &decision.steps, departure));
