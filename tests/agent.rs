@@ -220,6 +220,126 @@ async fn a_drain_timeout_stalls_and_force_continues() {
     delete_namespace(&b.client, &b.ns).await;
 }
 
+/// The uid of pod `name`, if it exists and is not terminating.
+async fn live_uid(pods: &Api<Pod>, name: &str) -> Option<String> {
+    let pod = pods.get_opt(name).await.ok()??;
+    pod.metadata
+        .deletion_timestamp
+        .is_none()
+        .then_some(pod.metadata.uid)?
+}
+
+/// Waits until `node`'s pod was quiesced and still holds its work, checks
+/// it is not deleted while that lasts, then lets the work finish and waits
+/// for the pod to go.
+async fn drains_before_deleted(b: &Bed, node: usize, old_uid: &str) {
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+    let name = format!("c-{node}");
+    wait_until(Duration::from_secs(60), "quiesced", || async {
+        b.servers[node].lock().quiesced.then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        live_uid(&pods, &name).await.as_deref(),
+        Some(old_uid),
+        "{name} deleted with a request in flight"
+    );
+    b.servers[node].set_in_flight(0);
+    wait_until(Duration::from_secs(60), "deleted once drained", || async {
+        (live_uid(&pods, &name).await.as_deref() != Some(old_uid)).then_some(())
+    })
+    .await;
+}
+
+/// In the API server's order, the operator took `pod` out of the client
+/// Service before it deleted it.
+fn out_of_service_before_deleted(ns: &str, pod: &str) {
+    let writes = operator_writes(ns);
+    let gate = writes
+        .iter()
+        .position(|w| *w == format!("patch pods/status {pod}"));
+    let delete = writes
+        .iter()
+        .position(|w| *w == format!("delete pods/ {pod}"));
+    assert!(
+        matches!((gate, delete), (Some(g), Some(d)) if g < d),
+        "{pod}: gate {gate:?}, delete {delete:?} in {writes:#?}"
+    );
+}
+
+#[tokio::test]
+async fn a_rolling_change_quiesces_and_drains_each_node_before_it_deletes_it() {
+    let b = bed("agent-roll", "").await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+    let mut uids = Vec::new();
+    for (i, server) in b.servers.iter().enumerate() {
+        server.set_in_flight(1);
+        uids.push(live_uid(&pods, &format!("c-{i}")).await.expect("uid"));
+    }
+    spec(
+        &b.api,
+        json!({"server": {"properties": {"watt.test.rolled": "1"}}}),
+    )
+    .await;
+    let mut replaced = Vec::new();
+    for _ in 0..3 {
+        let node = wait_until(Duration::from_secs(90), "next node quiesced", || async {
+            let quiesced: Vec<usize> = (0..3)
+                .filter(|i| !replaced.contains(i) && b.servers[*i].lock().quiesced)
+                .collect();
+            quiesced.first().copied()
+        })
+        .await;
+        // One node at a time (rollout.maxUnavailable 1): the others serve.
+        for other in (0..3).filter(|i| *i != node) {
+            assert!(
+                !b.servers[other].lock().quiesced,
+                "c-{other} quiesced beside c-{node}"
+            );
+        }
+        drains_before_deleted(&b, node, &uids[node]).await;
+        replaced.push(node);
+    }
+    status_when(&b.api, "c", "Ready on the new configuration", |s| {
+        s.phase == Some(Phase::Ready) && s.nodes.iter().all(|n| n.state == NodeState::Online)
+    })
+    .await;
+    for (i, server) in b.servers.iter().enumerate() {
+        assert_eq!(server.lock().calls, ["quiesce", "resume"], "c-{i}");
+        out_of_service_before_deleted(&b.ns, &format!("c-{i}"));
+    }
+    delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn a_scale_down_quiesces_and_drains_each_leaving_node_before_it_deletes_it() {
+    let b = bed("agent-scaledown", "").await;
+    let pods: Api<Pod> = Api::namespaced(b.client.clone(), &b.ns);
+    let mut uids = Vec::new();
+    for (i, server) in b.servers.iter().enumerate() {
+        server.set_in_flight(1);
+        uids.push(live_uid(&pods, &format!("c-{i}")).await.expect("uid"));
+    }
+    spec(&b.api, json!({"replicas": 1})).await;
+    drains_before_deleted(&b, 2, &uids[2]).await;
+    drains_before_deleted(&b, 1, &uids[1]).await;
+    let done = status_when(&b.api, "c", "one node left", |s| {
+        s.phase == Some(Phase::Ready) && s.nodes.len() == 1
+    })
+    .await;
+    assert_eq!(done.nodes[0].name, "c-0");
+    assert!(!b.servers[0].lock().quiesced, "the remaining node serves");
+    assert_eq!(
+        live_uid(&pods, "c-0").await.as_deref(),
+        Some(uids[0].as_str())
+    );
+    for pod in ["c-1", "c-2"] {
+        out_of_service_before_deleted(&b.ns, pod);
+    }
+    delete_namespace(&b.client, &b.ns).await;
+}
+
 /// SIGKILLs the operator (no chance to save anything beyond what status and
 /// the objects hold) and starts a new one.
 fn kill_and_restart(b: &mut Bed) {
