@@ -40,6 +40,9 @@ enum Command {
         /// whose spec names none; the chart passes the operator's own.
         #[arg(long, env = "AGENT_IMAGE", default_value = integration_operator::workload::AGENT_IMAGE)]
         agent_image: String,
+        /// Clusters reconciled at once, at most.
+        #[arg(long, env = "MAX_CONCURRENT_RECONCILES", default_value_t = 8, value_parser = clap::value_parser!(u16).range(1..))]
+        max_concurrent_reconciles: u16,
     },
     /// The in-pod agent (runs in every server pod).
     #[command(subcommand)]
@@ -250,7 +253,15 @@ async fn main() -> ExitCode {
             leader,
             metrics_address,
             agent_image,
-        } => run(namespace, log_format, leader, metrics_address, agent_image).await,
+            max_concurrent_reconciles,
+        } => {
+            let settings = |scope| controller::Settings {
+                scope,
+                agent_image,
+                concurrency: max_concurrent_reconciles,
+            };
+            run(namespace, log_format, leader, metrics_address, settings).await
+        }
         Command::Crd => print_crd(),
         Command::Agent(AgentCommand::Init {
             packages,
@@ -417,7 +428,7 @@ async fn run(
     log_format: telemetry::LogFormat,
     leader: LeaderArgs,
     metrics_address: Option<std::net::SocketAddr>,
-    agent_image: String,
+    settings: impl FnOnce(controller::Scope) -> controller::Settings,
 ) -> anyhow::Result<()> {
     telemetry::init(log_format);
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
@@ -510,9 +521,8 @@ async fn run(
     let controller = controller::run(
         client,
         watches,
-        scope,
+        settings(scope),
         metrics.clone(),
-        agent_image,
         async move {
             let _ = until_stop.wait_for(|s| *s).await;
         },

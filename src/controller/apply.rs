@@ -10,9 +10,8 @@ use k8s_openapi::api::core::v1::{
 };
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
@@ -25,7 +24,7 @@ use super::{Context, Error, FIELD_MANAGER};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
 use crate::database::managed;
-use crate::naming::{self, labels};
+use crate::naming;
 use crate::protocol::{self, ONLINE_CONDITION};
 use crate::render::Rendered;
 use crate::validation::ValidatedCluster;
@@ -222,60 +221,6 @@ async fn ensure_listener_lease(
     Ok(true)
 }
 
-/// The cluster's listener Leases.
-pub async fn observe_leases(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<Lease>, Error> {
-    let api: Api<Lease> = Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
-    let params = ListParams::default().labels(&format!("{}={}", labels::CLUSTER, ic.name_any()));
-    Ok(api
-        .list(&params)
-        .await
-        .map_err(|source| Error::Read {
-            what: "listener leases".into(),
-            source,
-        })?
-        .items)
-}
-
-/// The server pods and volume claims of a cluster.
-pub async fn observe(
-    ctx: &Context,
-    ic: &IntegrationCluster,
-) -> Result<(Vec<Pod>, Vec<PersistentVolumeClaim>), Error> {
-    let ns = ic.namespace().unwrap_or_default();
-    let selector = format!("{}={}", labels::CLUSTER, ic.name_any());
-    let params = ListParams::default().labels(&selector);
-    let read = |what: &str| {
-        let what = what.to_owned();
-        move |source| Error::Read { what, source }
-    };
-    let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
-    let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
-    let pods = pods.list(&params).await.map_err(read("pods"))?.items;
-    let claims = claims
-        .list(&params)
-        .await
-        .map_err(read("volume claims"))?
-        .items;
-    let component = |meta: &ObjectMeta, wanted: &str| {
-        meta.labels
-            .as_ref()
-            .and_then(|l| l.get(labels::COMPONENT))
-            .is_some_and(|c| c == wanted)
-    };
-    let pods = pods
-        .into_iter()
-        .filter(|p| workload::is_owned_by(&p.metadata, ic) && component(&p.metadata, "server"))
-        .collect();
-    // Retained claims are owned by nobody (`workload::data_meta`): they are
-    // the cluster's by their labels, also after it was deleted and created
-    // again under the same name.
-    let claims = claims
-        .into_iter()
-        .filter(|c| component(&c.metadata, "data"))
-        .collect();
-    Ok((pods, claims))
-}
-
 /// Carries out `actions` in order; the first failure stops the rest (the
 /// next reconcile plans again from what then exists).
 pub async fn execute(
@@ -456,7 +401,7 @@ fn truncate(text: &str, max: usize) -> String {
 /// On deletion with `deletionPolicy: Retain`: the claims kept. Any still
 /// owned by the cluster lose that owner reference first.
 pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<String>, Error> {
-    let (_, claims) = observe(ctx, ic).await?;
+    let claims = ctx.stores.claims(ic);
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
     let mut kept = Vec::new();

@@ -19,6 +19,7 @@ mod listeners;
 mod plan;
 mod sources;
 mod status;
+mod stores;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
@@ -28,11 +29,12 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
-use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Node, PersistentVolumeClaim, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, ListParams, Patch, PatchParams};
+use kube::core::PartialObjectMeta;
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::EventType;
 use kube::runtime::reflector::{self, ObjectRef, Store};
@@ -149,6 +151,8 @@ pub struct Context {
     pub agent_image: String,
     /// Every Kubernetes node, for the cordoned ones.
     pub nodes: Store<Node>,
+    /// The objects the clusters own, as the watches see them.
+    pub stores: stores::Stores,
 }
 
 /// Kubernetes nodes marked unschedulable.
@@ -243,29 +247,36 @@ fn api_for(client: Client, scope: &Scope) -> Api<IntegrationCluster> {
     }
 }
 
+/// How the controller runs, from the command line.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub scope: Scope,
+    /// The agent image for pods whose spec names none.
+    pub agent_image: String,
+    /// Clusters reconciled at once, at most; others wait their turn, so
+    /// a thousand clusters changing together cannot swamp the API server.
+    pub concurrency: u16,
+}
+
 /// Runs the controller until `stop` completes (a signal), letting running
 /// reconciles finish; dropping the future aborts them instead (a lost
-/// leadership, in main). Reconciles call the
-/// API through `client`; the watches go through `watches`, whose read
-/// timeout suits them (see `crate::kube_client`).
+/// leadership, in main). Reconciles call the API through `client`; the
+/// watches go through `watches`, whose read timeout suits them (see
+/// `crate::kube_client`).
 pub async fn run(
     client: Client,
     watches: Client,
-    scope: Scope,
+    settings: Settings,
     metrics: Arc<crate::metrics::Metrics>,
-    agent_image: String,
     stop: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
-    let api = api_for(watches.clone(), &scope);
-    let owned = watcher::Config::default()
-        .labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR))
-        .any_semantic();
+    let scope = settings.scope.clone();
     // The operator's own status writes must not wake it: a reconcile that
     // fails and reports the failure in status would otherwise run again at
     // once, and the error backoff would never apply. What a person changes
     // (spec, annotations, labels, finalizers, deletion) still does.
     let (store, writer) = reflector::store();
-    let clusters = watcher(api, watcher::Config::default().any_semantic())
+    let clusters = watcher(api_for(watches.clone(), &scope), any())
         .default_backoff()
         .reflect(writer)
         .applied_objects()
@@ -276,62 +287,39 @@ pub async fn run(
                 .combine(predicates::finalizers),
             PredicateConfig::default(),
         );
+    let (nodes, node_changes) = node_watch(&watches);
     // A cordoned node's server pods are moved by the operator, through the
     // node workflow; every cluster looks at its pods when a node's
     // schedulability changes (rare, and a reconcile that finds nothing
     // to do writes nothing).
-    let (nodes, node_writer) = reflector::store::<Node>();
-    let node_changes = watcher(
-        Api::<Node>::all(watches.clone()),
-        watcher::Config::default().any_semantic(),
-    )
-    .default_backoff()
-    .reflect(node_writer)
-    .touched_objects()
-    .predicate_filter(schedulable, PredicateConfig::default());
     let everyone = store.clone();
-    let controller = Controller::for_stream(clusters, store)
-        .watches_stream(node_changes, move |_| {
+    let controller =
+        Controller::for_stream(clusters, store.clone()).watches_stream(node_changes, move |_| {
             everyone
                 .state()
                 .iter()
                 .map(|ic| ObjectRef::from_obj(ic.as_ref()))
                 .collect::<Vec<_>>()
-        })
-        .owns(owned_api::<Pod>(&watches, &scope), owned.clone())
-        .owns(owned_api::<Service>(&watches, &scope), owned.clone())
-        .owns(owned_api::<ConfigMap>(&watches, &scope), owned.clone())
-        .owns(
-            owned_api::<PersistentVolumeClaim>(&watches, &scope),
-            owned.clone(),
-        )
-        .owns(
-            owned_api::<PodDisruptionBudget>(&watches, &scope),
-            owned.clone(),
-        )
-        .owns(owned_api::<ServiceAccount>(&watches, &scope), owned.clone())
-        .owns(owned_api::<Role>(&watches, &scope), owned.clone())
-        .owns(owned_api::<RoleBinding>(&watches, &scope), owned.clone())
-        .owns(owned_api::<StatefulSet>(&watches, &scope), owned.clone())
-        // Listener Leases wake the controller on a new holder or epoch,
-        // not on every renewal.
-        .owns_stream(
-            watcher(owned_api::<Lease>(&watches, &scope), owned)
-                .default_backoff()
-                .touched_objects()
-                .predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
-        );
+        });
+    let (stores, controller) = owned_watches(controller, &watches, &scope);
+    let controller = referenced_watches(controller, &watches, &scope, &store);
     let ctx = Arc::new(Context {
         client,
         store: controller.store(),
         failures: Mutex::default(),
         databases: database::Databases::default(),
         metrics,
-        agent_image,
+        agent_image: settings.agent_image,
         nodes,
+        stores,
     });
-    info!(?scope, "controller started");
+    info!(
+        ?scope,
+        concurrency = settings.concurrency,
+        "controller started"
+    );
     controller
+        .with_config(kube::runtime::controller::Config::default().concurrency(settings.concurrency))
         .graceful_shutdown_on(stop)
         .run(reconcile, error_policy, ctx)
         .for_each(|result| async move {
@@ -341,6 +329,120 @@ pub async fn run(
         })
         .await;
     info!("controller stopped");
+}
+
+fn any() -> watcher::Config {
+    watcher::Config::default().any_semantic()
+}
+
+/// Every Kubernetes node, and the changes of their schedulability.
+fn node_watch(
+    watches: &Client,
+) -> (
+    Store<Node>,
+    impl futures::Stream<Item = Result<Node, watcher::Error>> + Send + 'static,
+) {
+    let (nodes, writer) = reflector::store::<Node>();
+    let changes = watcher(Api::<Node>::all(watches.clone()), any())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects()
+        .predicate_filter(schedulable, PredicateConfig::default());
+    (nodes, changes)
+}
+
+/// What the clusters own wakes its owner; pods, claims and Leases are
+/// also kept in stores the reconciles read instead of listing.
+fn owned_watches(
+    controller: Controller<IntegrationCluster>,
+    watches: &Client,
+    scope: &Scope,
+) -> (stores::Stores, Controller<IntegrationCluster>) {
+    let owned = any().labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR));
+    let (pods, pod_writer) = reflector::store::<Pod>();
+    let (claims, claim_writer) = reflector::store::<PersistentVolumeClaim>();
+    let (leases, lease_writer) = reflector::store::<Lease>();
+    let controller = controller
+        .owns_stream(
+            watcher(owned_api::<Pod>(watches, scope), owned.clone())
+                .default_backoff()
+                .reflect(pod_writer)
+                .touched_objects(),
+        )
+        .owns_stream(
+            watcher(
+                owned_api::<PersistentVolumeClaim>(watches, scope),
+                owned.clone(),
+            )
+            .default_backoff()
+            .reflect(claim_writer)
+            .touched_objects(),
+        )
+        // Listener Leases wake the controller on a new holder or epoch,
+        // not on every renewal.
+        .owns_stream(
+            watcher(owned_api::<Lease>(watches, scope), owned.clone())
+                .default_backoff()
+                .reflect(lease_writer)
+                .touched_objects()
+                .predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
+        )
+        .owns(owned_api::<Service>(watches, scope), owned.clone())
+        .owns(owned_api::<ConfigMap>(watches, scope), owned.clone())
+        .owns(
+            owned_api::<PodDisruptionBudget>(watches, scope),
+            owned.clone(),
+        )
+        .owns(owned_api::<ServiceAccount>(watches, scope), owned.clone())
+        .owns(owned_api::<Role>(watches, scope), owned.clone())
+        .owns(owned_api::<RoleBinding>(watches, scope), owned.clone())
+        .owns(owned_api::<StatefulSet>(watches, scope), owned);
+    let stores = stores::Stores {
+        pods,
+        claims,
+        leases,
+    };
+    (stores, controller)
+}
+
+/// A Secret or ConfigMap a cluster refers to wakes that cluster when it
+/// changes, so a rotated Secret rolls the servers within seconds instead
+/// of at the next resync. Metadata only: the contents are read when a
+/// reconcile needs them, not kept in the operator's memory.
+fn referenced_watches(
+    controller: Controller<IntegrationCluster>,
+    watches: &Client,
+    scope: &Scope,
+    clusters: &Store<IntegrationCluster>,
+) -> Controller<IntegrationCluster> {
+    let (for_secrets, for_config_maps) = (clusters.clone(), clusters.clone());
+    controller
+        .watches_stream(
+            watcher(
+                owned_api::<PartialObjectMeta<Secret>>(watches, scope),
+                any(),
+            )
+            .default_backoff()
+            .touched_objects(),
+            move |secret| {
+                stores::clusters_using(&for_secrets.state(), &secret.metadata, stores::secrets_of)
+            },
+        )
+        .watches_stream(
+            watcher(
+                owned_api::<PartialObjectMeta<ConfigMap>>(watches, scope),
+                any(),
+            )
+            .default_backoff()
+            .touched_objects(),
+            move |map| {
+                stores::clusters_using(
+                    &for_config_maps.state(),
+                    &map.metadata,
+                    stores::config_maps_of,
+                )
+            },
+        )
 }
 
 fn owned_api<K>(client: &Client, scope: &Scope) -> Api<K>
@@ -514,7 +616,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     if !ic.spec.paused {
         apply::ensure_shared(ctx, ic, cluster, &rendered).await?;
     }
-    let (pods, claims) = apply::observe(ctx, ic).await?;
+    let (pods, claims) = (ctx.stores.pods(ic), ctx.stores.claims(ic));
     if !ic.spec.paused {
         let changed = apply::follow_deletion_policy(ctx, ic, &claims).await?;
         if !changed.is_empty() {
@@ -524,7 +626,7 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     }
     let gd = database::unfinished_work(ic, db.as_ref(), &pods).await;
     let cache = cache::observe(&ctx.client, ic, !pods.is_empty()).await?;
-    let leases = apply::observe_leases(ctx, ic).await?;
+    let leases = ctx.stores.leases(ic);
     let listener_holders = listeners::holders(&leases, Timestamp::now());
     let start_blocked = match (&db, &cache) {
         (Some(view), _) if view.status.credentials_secret.is_none() => {

@@ -48,7 +48,7 @@ as manifests/rbac.yaml (a test compares them). */}}
   verbs: [get, list, watch, create, patch]
 - apiGroups: [""]
   resources: [secrets]
-  verbs: [get, create, patch]                     # database admin URL (read), generated credentials (create once); no list/watch
+  verbs: [get, list, watch, create, patch]        # database admin URL and configFrom (read; watched as metadata only, so a rotation rolls at once), generated credentials (create once)
 - apiGroups: [apps]
   resources: [statefulsets]
   verbs: [get, list, watch, create, patch]        # managed cache and database servers
