@@ -20,7 +20,7 @@ use serde_json::Value;
 use tracing::info;
 
 use super::plan::Action;
-use super::{Context, Error, FIELD_MANAGER};
+use super::{Context, FIELD_MANAGER, Failure};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
 use crate::database::managed;
@@ -46,13 +46,14 @@ pub fn is_subset(desired: &Value, observed: &Value) -> bool {
 }
 
 /// Applies `desired` unless the server already holds it.
-async fn ensure<K>(api: &Api<K>, desired: &K) -> Result<bool, Error>
+async fn ensure<K>(api: &Api<K>, desired: &K) -> Result<bool, Failure>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let name = desired.name_any();
-    let current = api.get_opt(&name).await.map_err(|source| Error::Write {
+    let current = api.get_opt(&name).await.map_err(|source| Failure::Read {
+        kind: K::kind(&K::DynamicType::default()).into_owned(),
         what: format!("{} {name}", K::kind(&K::DynamicType::default())),
         source,
     })?;
@@ -60,17 +61,18 @@ where
 }
 
 /// Applies `desired` unless `current` (as just read) already holds it.
-async fn ensure_over<K>(api: &Api<K>, desired: &K, current: Option<K>) -> Result<bool, Error>
+async fn ensure_over<K>(api: &Api<K>, desired: &K, current: Option<K>) -> Result<bool, Failure>
 where
     K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
     K::DynamicType: Default,
 {
     let name = desired.name_any();
-    let write = |source| Error::Write {
+    let write = |source| Failure::Write {
+        kind: K::kind(&K::DynamicType::default()).into_owned(),
         what: format!("{} {name}", K::kind(&K::DynamicType::default())),
         source,
     };
-    let mut wanted = serde_json::to_value(desired).map_err(Error::Serialize)?;
+    let mut wanted = serde_json::to_value(desired).map_err(Failure::Serialize)?;
     if let Value::Object(map) = &mut wanted {
         map.insert(
             "apiVersion".into(),
@@ -79,7 +81,7 @@ where
         map.insert("kind".into(), K::kind(&K::DynamicType::default()).into());
     }
     if let Some(current) = current {
-        let current = serde_json::to_value(current).map_err(Error::Serialize)?;
+        let current = serde_json::to_value(current).map_err(Failure::Serialize)?;
         if is_subset(&wanted, &current) {
             return Ok(false);
         }
@@ -100,7 +102,7 @@ pub async fn ensure_shared(
     ic: &IntegrationCluster,
     cluster: &ValidatedCluster,
     rendered: &Rendered,
-) -> Result<(), Error> {
+) -> Result<(), Failure> {
     let ns = ic.namespace().unwrap_or_default();
     let client = ctx.client.clone();
     let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
@@ -182,13 +184,17 @@ async fn ensure_listener_lease(
     api: &Api<Lease>,
     ic: &IntegrationCluster,
     listener: &str,
-) -> Result<bool, Error> {
+) -> Result<bool, Failure> {
     let cluster = ic.name_any();
     let name = crate::listeners::lease_name(&cluster, listener);
     let desired = workload::listener_lease(ic, name.clone());
     let read = |what: &str| {
         let what = format!("Lease {what}");
-        move |source| Error::Read { what, source }
+        move |source| Failure::Read {
+            kind: "Lease".into(),
+            what,
+            source,
+        }
     };
     let current = api.get_opt(&name).await.map_err(read(&name))?;
     if current.is_some() {
@@ -210,7 +216,8 @@ async fn ensure_listener_lease(
         // Another reconcile created it meanwhile.
         Err(kube::Error::Api(e)) if e.code == 409 => {}
         Err(source) => {
-            return Err(Error::Write {
+            return Err(Failure::Write {
+                kind: "Lease".into(),
                 what: format!("Lease {name}"),
                 source,
             });
@@ -227,7 +234,7 @@ pub async fn execute(
     ctx: &Context,
     ic: &IntegrationCluster,
     actions: &[Action],
-) -> Result<(), Error> {
+) -> Result<(), Failure> {
     let ns = ic.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
@@ -236,21 +243,26 @@ pub async fn execute(
         ..PostParams::default()
     };
     for action in actions {
-        let write = |what: String| move |source| Error::Write { what, source };
+        let write = |kind: &str, what: String| {
+            let kind = kind.to_owned();
+            move |source| Failure::Write { kind, what, source }
+        };
         match action {
             Action::CreateClaim(claim) => {
-                ignore_conflict(claims.create(&create, claim).await)
-                    .map_err(write(format!("create claim {}", claim.name_any())))?;
+                ignore_conflict(claims.create(&create, claim).await).map_err(write(
+                    "PersistentVolumeClaim",
+                    format!("create claim {}", claim.name_any()),
+                ))?;
             }
             Action::CreatePod(pod) => {
                 ignore_conflict(pods.create(&create, pod).await)
-                    .map_err(write(format!("create pod {}", pod.name_any())))?;
+                    .map_err(write("Pod", format!("create pod {}", pod.name_any())))?;
                 info!(cluster = %ic.name_any(), node = %pod.name_any(), "created pod");
             }
             Action::SetOnline { node, online } => {
                 set_online(&pods, node, *online)
                     .await
-                    .map_err(write(format!("set {node} online={online}")))?;
+                    .map_err(write("Pod", format!("set {node} online={online}")))?;
                 info!(cluster = %ic.name_any(), %node, online, "set online gate");
             }
             Action::AskOffline { node, offline } => {
@@ -262,7 +274,7 @@ pub async fn execute(
                 let patch = desired.patch();
                 pods.patch(node, &super::merge_params(), &Patch::Merge(&patch))
                     .await
-                    .map_err(write(format!("ask {node} to go {desired}")))?;
+                    .map_err(write("Pod", format!("ask {node} to go {desired}")))?;
                 info!(cluster = %ic.name_any(), %node, %desired, "asked the agent");
             }
             Action::DeletePod { node, departure } => {
@@ -271,7 +283,7 @@ pub async fn execute(
                         .await
                         .map(|_| ()),
                 )
-                .map_err(write(format!("delete pod {node}")))?;
+                .map_err(write("Pod", format!("delete pod {node}")))?;
                 let note = departure.note(node);
                 info!(cluster = %ic.name_any(), %node, %note, "deleted pod");
                 let pod = pod_ref(&ns, node);
@@ -285,7 +297,10 @@ pub async fn execute(
                         .await
                         .map(|_| ()),
                 )
-                .map_err(write(format!("delete claim {name}")))?;
+                .map_err(write(
+                    "PersistentVolumeClaim",
+                    format!("delete claim {name}"),
+                ))?;
                 publish(
                     ctx,
                     ic,
@@ -400,7 +415,10 @@ fn truncate(text: &str, max: usize) -> String {
 
 /// On deletion with `deletionPolicy: Retain`: the claims kept. Any still
 /// owned by the cluster lose that owner reference first.
-pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Vec<String>, Error> {
+pub async fn release_claims(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+) -> Result<Vec<String>, Failure> {
     let claims = ctx.stores.claims(ic);
     let api: Api<PersistentVolumeClaim> =
         Api::namespaced(ctx.client.clone(), &ic.namespace().unwrap_or_default());
@@ -414,7 +432,7 @@ pub async fn release_claims(ctx: &Context, ic: &IntegrationCluster) -> Result<Ve
 
 /// Removes the cluster's owner reference from `object`, if it has one, so
 /// the garbage collector keeps it when the cluster goes.
-pub async fn release<K>(api: &Api<K>, ic: &IntegrationCluster, object: &K) -> Result<(), Error>
+pub async fn release<K>(api: &Api<K>, ic: &IntegrationCluster, object: &K) -> Result<(), Failure>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
@@ -429,7 +447,7 @@ pub async fn follow_deletion_policy(
     ctx: &Context,
     ic: &IntegrationCluster,
     claims: &[PersistentVolumeClaim],
-) -> Result<Vec<String>, Error> {
+) -> Result<Vec<String>, Failure> {
     let owned = ic.spec.deletion_policy == DeletionPolicy::Delete;
     let ns = ic.namespace().unwrap_or_default();
     let mut changed = Vec::new();
@@ -448,10 +466,14 @@ pub async fn follow_deletion_policy(
         names.push(naming::database_admin_secret(&ic.name_any()));
     }
     for name in names {
-        let secret = secrets.get_opt(&name).await.map_err(|source| Error::Read {
-            what: format!("Secret {name}"),
-            source,
-        })?;
+        let secret = secrets
+            .get_opt(&name)
+            .await
+            .map_err(|source| Failure::Read {
+                kind: "Secret".into(),
+                what: format!("Secret {name}"),
+                source,
+            })?;
         if let Some(secret) = secret
             && set_owned(&secrets, ic, &secret, owned).await?
         {
@@ -468,7 +490,7 @@ async fn set_owned<K>(
     ic: &IntegrationCluster,
     object: &K,
     owned: bool,
-) -> Result<bool, Error>
+) -> Result<bool, Failure>
 where
     K: Resource + Clone + DeserializeOwned + std::fmt::Debug,
     K::DynamicType: Default,
@@ -489,7 +511,8 @@ where
     let patch = serde_json::json!({"metadata": {"ownerReferences": references}});
     api.patch(&name, &super::merge_params(), &Patch::Merge(&patch))
         .await
-        .map_err(|source| Error::Write {
+        .map_err(|source| Failure::Write {
+            kind: K::kind(&K::DynamicType::default()).into_owned(),
             what: format!(
                 "{} the owner reference of {} {name}",
                 if owned { "add" } else { "remove" },

@@ -7,7 +7,7 @@ use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
 use kube::api::Api;
 
-use super::Error;
+use super::Failure;
 use crate::api::{CacheMode, CacheStatus, IntegrationCluster, Mode};
 use crate::{naming, render};
 
@@ -27,7 +27,7 @@ pub async fn observe(
     client: &kube::Client,
     ic: &IntegrationCluster,
     servers_exist: bool,
-) -> Result<Option<View>, Error> {
+) -> Result<Option<View>, Failure> {
     let Some(cache) = &ic.spec.cache else {
         return Ok(None);
     };
@@ -49,7 +49,8 @@ pub async fn observe(
     let name = naming::cache_service(&ic.name_any());
     let sets: Api<StatefulSet> =
         Api::namespaced(client.clone(), &ic.namespace().unwrap_or_default());
-    let set = sets.get_opt(&name).await.map_err(|source| Error::Read {
+    let set = sets.get_opt(&name).await.map_err(|source| Failure::Read {
+        kind: "StatefulSet".into(),
         what: format!("StatefulSet {name}"),
         source,
     })?;

@@ -20,7 +20,7 @@ use kube::ResourceExt;
 use kube::runtime::events::EventType;
 use tracing::warn;
 
-use super::{Context, Error, RETRY, apply, database};
+use super::{Context, Failure, RETRY, apply, database};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster, annotations};
 use crate::database::ErrorClass;
 
@@ -35,7 +35,7 @@ pub enum Outcome {
     RetryIn(Duration),
 }
 
-pub async fn run(ic: &IntegrationCluster, ctx: &Context) -> Result<Outcome, Error> {
+pub async fn run(ic: &IntegrationCluster, ctx: &Context) -> Result<Outcome, Failure> {
     match ic.spec.deletion_policy {
         DeletionPolicy::Retain => retain(ic, ctx).await?,
         DeletionPolicy::Delete => {
@@ -48,7 +48,7 @@ pub async fn run(ic: &IntegrationCluster, ctx: &Context) -> Result<Outcome, Erro
     Ok(Outcome::Done)
 }
 
-async fn retain(ic: &IntegrationCluster, ctx: &Context) -> Result<(), Error> {
+async fn retain(ic: &IntegrationCluster, ctx: &Context) -> Result<(), Failure> {
     let claims = apply::release_claims(ctx, ic).await?;
     if !claims.is_empty() {
         let note = format!(
@@ -104,7 +104,7 @@ async fn drop_database(ic: &IntegrationCluster, ctx: &Context) -> Option<Duratio
         }
         // Without a usable admin Secret (deleted with the namespace, say)
         // no retry can succeed.
-        Ok(Err(Error::Database(e))) if e.class == ErrorClass::AdminSecretInvalid => {
+        Ok(Err(Failure::Database(e))) if e.class == ErrorClass::AdminSecretInvalid => {
             (e.to_string(), true)
         }
         Ok(Err(e)) => (e.to_string(), false),

@@ -17,7 +17,7 @@ use kube::api::{Api, Patch, PostParams};
 use kube::runtime::events::EventType;
 use tracing::{info, warn};
 
-use super::{Context, Error, FIELD_MANAGER, RESYNC, apply, backoff, plan};
+use super::{Context, FIELD_MANAGER, Failure, RESYNC, apply, backoff, plan};
 use crate::api::{DatabaseMode, DatabaseStatus, IntegrationCluster};
 use crate::database::{
     self, Admin, DbError, Endpoint, ErrorClass, Login, Owner, Provisioned, RolePool, managed,
@@ -85,7 +85,7 @@ async fn admin(
     secrets: &Api<Secret>,
     ic: &IntegrationCluster,
     creating: Creating,
-) -> Result<Result<(Admin, String), DbError>, Error> {
+) -> Result<Result<(Admin, String), DbError>, Failure> {
     let Some(spec) = &ic.spec.database else {
         return Ok(Err(DbError::new(ErrorClass::Other, "", "no database")));
     };
@@ -153,8 +153,9 @@ async fn admin(
     }
 }
 
-async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Error> {
-    secrets.get_opt(name).await.map_err(|source| Error::Read {
+async fn read_secret(secrets: &Api<Secret>, name: &str) -> Result<Option<Secret>, Failure> {
+    secrets.get_opt(name).await.map_err(|source| Failure::Read {
+        kind: "Secret".into(),
         what: format!("Secret {name}"),
         source,
     })
@@ -169,11 +170,11 @@ async fn ensure_secret(
     ic: &IntegrationCluster,
     name: &str,
     build: impl FnOnce(String) -> Option<Secret>,
-) -> Result<Option<Secret>, Error> {
+) -> Result<Option<Secret>, Failure> {
     if let Some(secret) = read_secret(secrets, name).await? {
         return Ok(Some(secret));
     }
-    let password = database::generate_password().map_err(|e| Error::Random(e.to_string()))?;
+    let password = database::generate_password().map_err(|e| Failure::Random(e.to_string()))?;
     let Some(secret) = build(password) else {
         return Ok(None);
     };
@@ -188,7 +189,8 @@ async fn ensure_secret(
         }
         // Another reconcile was first; its password wins.
         Err(kube::Error::Api(e)) if e.code == 409 => read_secret(secrets, name).await,
-        Err(source) => Err(Error::Write {
+        Err(source) => Err(Failure::Write {
+            kind: "Secret".into(),
             what: format!("Secret {name}"),
             source,
         }),
@@ -203,7 +205,7 @@ async fn ensure_credentials(
     ic: &IntegrationCluster,
     endpoint: &Endpoint,
     existing: Option<Secret>,
-) -> Result<(Secret, Login), Error> {
+) -> Result<(Secret, Login), Failure> {
     let name = naming::database_credentials(&ic.name_any());
     let connection = BTreeMap::from([
         ("username".to_owned(), endpoint.database.clone()),
@@ -228,7 +230,7 @@ async fn ensure_credentials(
         }
     };
     let Some(mut secret) = secret else {
-        return Err(Error::Conflict(format!(
+        return Err(Failure::Conflict(format!(
             "Secret {name} was deleted while it was being created; retrying"
         )));
     };
@@ -240,7 +242,8 @@ async fn ensure_credentials(
         secret = secrets
             .patch(&name, &super::merge_params(), &Patch::Merge(&patch))
             .await
-            .map_err(|source| Error::Write {
+            .map_err(|source| Failure::Write {
+                kind: "Secret".into(),
                 what: format!("Secret {name}"),
                 source,
             })?;
@@ -281,12 +284,13 @@ fn owner(ic: &IntegrationCluster) -> Owner {
     }
 }
 
-/// Looks at (and when due, provisions) the cluster's database.
-pub async fn observe(
+/// Provisions the cluster's database when due (role, database, schema
+/// objects, credentials Secret) and says where it is.
+pub async fn provision(
     client: &kube::Client,
     databases: &Databases,
     ic: &IntegrationCluster,
-) -> Result<Option<View>, Error> {
+) -> Result<Option<View>, Failure> {
     let Some(spec) = &ic.spec.database else {
         return Ok(None);
     };
@@ -489,13 +493,13 @@ pub fn drop_target(ic: &IntegrationCluster) -> String {
 pub async fn drop_database(
     client: &kube::Client,
     ic: &IntegrationCluster,
-) -> Result<DropOutcome, Error> {
+) -> Result<DropOutcome, Failure> {
     let namespace = ic.namespace().unwrap_or_default();
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
     let role = database_name(ic, None);
     let (admin, _) = admin(&secrets, ic, Creating::Forbidden)
         .await?
-        .map_err(Error::Database)?;
+        .map_err(Failure::Database)?;
     let endpoint = Endpoint {
         host: admin.host().to_owned(),
         port: admin.port(),
@@ -514,7 +518,7 @@ pub async fn drop_database(
             endpoint.address(),
             e.detail
         ))),
-        Err(e) => Err(Error::Database(e)),
+        Err(e) => Err(Failure::Database(e)),
     }
 }
 
@@ -535,7 +539,7 @@ pub enum DropOutcome {
 pub async fn keep_secrets(
     client: &kube::Client,
     ic: &IntegrationCluster,
-) -> Result<Vec<String>, Error> {
+) -> Result<Vec<String>, Failure> {
     let Some(spec) = &ic.spec.database else {
         return Ok(Vec::new());
     };
@@ -593,7 +597,7 @@ pub async fn unfinished_work(
 /// Database bookkeeping after the actions: break the locks of nodes that
 /// are gone (at once for forced ones) and record the members. Returns when
 /// the next lock may be broken.
-pub async fn after_apply(
+pub async fn release_locks_and_record_members(
     ctx: &Context,
     ic: &IntegrationCluster,
     pool: &RolePool,

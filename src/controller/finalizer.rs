@@ -7,7 +7,7 @@
 use kube::api::{Api, Patch};
 use kube::{Resource, ResourceExt};
 
-use super::{Error, FINALIZER};
+use super::{FINALIZER, Failure};
 use crate::api::IntegrationCluster;
 
 /// Where a cluster is in its life, as far as the finalizer is concerned.
@@ -33,13 +33,13 @@ pub fn stage(ic: &IntegrationCluster) -> Stage {
     }
 }
 
-pub async fn add(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> Result<(), Error> {
+pub async fn add(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> Result<(), Failure> {
     let mut finalizers = ic.finalizers().to_vec();
     finalizers.push(FINALIZER.to_owned());
     write(api, ic, finalizers, "add the finalizer").await
 }
 
-pub async fn remove(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> Result<(), Error> {
+pub async fn remove(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> Result<(), Failure> {
     let finalizers = ic
         .finalizers()
         .iter()
@@ -54,7 +54,7 @@ async fn write(
     ic: &IntegrationCluster,
     finalizers: Vec<String>,
     what: &str,
-) -> Result<(), Error> {
+) -> Result<(), Failure> {
     let patch = serde_json::json!({
         "metadata": {
             "resourceVersion": ic.resource_version(),
@@ -67,7 +67,8 @@ async fn write(
         &Patch::Merge(&patch),
     )
     .await
-    .map_err(|source| Error::Write {
+    .map_err(|source| Failure::Write {
+        kind: "IntegrationCluster".into(),
         what: what.to_owned(),
         source,
     })?;

@@ -11,13 +11,13 @@ use kube::api::Api;
 use kube::{Client, ResourceExt};
 use sha2::{Digest, Sha256};
 
-use super::Error;
+use super::Failure;
 use crate::api::IntegrationCluster;
 
 /// None when the cluster names no sources. A missing source counts as
 /// "missing", so its appearance is a change too (the pods could not start
 /// without it anyway).
-pub async fn digest(client: &Client, ic: &IntegrationCluster) -> Result<Option<String>, Error> {
+pub async fn digest(client: &Client, ic: &IntegrationCluster) -> Result<Option<String>, Failure> {
     let sources = &ic.spec.server.config_from;
     if sources.is_empty() {
         return Ok(None);
@@ -25,14 +25,17 @@ pub async fn digest(client: &Client, ic: &IntegrationCluster) -> Result<Option<S
     let namespace = ic.namespace().unwrap_or_default();
     let config_maps: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
-    let read = |what: String| move |source| Error::Read { what, source };
+    let read = |kind: &str, what: String| {
+        let kind = kind.to_owned();
+        move |source| Failure::Read { kind, what, source }
+    };
     let mut hasher = Sha256::new();
     for source in sources {
         if let Some(r) = &source.config_map_ref {
             let found = config_maps
                 .get_opt(&r.name)
                 .await
-                .map_err(read(format!("ConfigMap {}", r.name)))?;
+                .map_err(read("ConfigMap", format!("ConfigMap {}", r.name)))?;
             hasher.update(format!("configmap/{}\n", r.name));
             match found {
                 Some(cm) => {
@@ -58,7 +61,7 @@ pub async fn digest(client: &Client, ic: &IntegrationCluster) -> Result<Option<S
             let found = secrets
                 .get_opt(&r.name)
                 .await
-                .map_err(read(format!("Secret {}", r.name)))?;
+                .map_err(read("Secret", format!("Secret {}", r.name)))?;
             hasher.update(format!("secret/{}\n", r.name));
             match found {
                 Some(secret) => feed(
