@@ -305,23 +305,7 @@ pub async fn provision(
         .unwrap_or_default();
 
     let admin = admin(&secrets, ic, Creating::Allowed).await?;
-    // Without a readable admin Secret the servers keep the endpoint they
-    // were given (status remembers it), so nothing restarts.
-    let endpoint = match &admin {
-        Ok((admin, _)) => Some(Endpoint {
-            host: admin.host().to_owned(),
-            port: admin.port(),
-            database: database_name.clone(),
-        }),
-        Err(_) => previous.host.as_deref().and_then(|address| {
-            let (host, port) = address.rsplit_once(':')?;
-            Some(Endpoint {
-                host: host.to_owned(),
-                port: port.parse().ok()?,
-                database: database_name.clone(),
-            })
-        }),
-    };
+    let endpoint = endpoint_of(&admin, &previous, &database_name);
     let mut view = View {
         endpoint: endpoint.clone(),
         status: DatabaseStatus {
@@ -358,18 +342,83 @@ pub async fn provision(
         spec.components,
         endpoint.address()
     );
+    let target = Target {
+        admin: &admin,
+        endpoint: &endpoint,
+        login: &login,
+        inputs: &inputs,
+    };
+    run_provisioning(databases, ic, &spec.components, &target, &mut view).await;
+    Ok(Some(view))
+}
+
+/// Where the servers connect. Without a readable admin Secret they keep
+/// the endpoint they were given (status remembers it), so nothing
+/// restarts.
+fn endpoint_of(
+    admin: &Result<(Admin, String), DbError>,
+    previous: &DatabaseStatus,
+    database: &str,
+) -> Option<Endpoint> {
+    match admin {
+        Ok((admin, _)) => Some(Endpoint {
+            host: admin.host().to_owned(),
+            port: admin.port(),
+            database: database.to_owned(),
+        }),
+        Err(_) => previous.host.as_deref().and_then(|address| {
+            let (host, port) = address.rsplit_once(':')?;
+            Some(Endpoint {
+                host: host.to_owned(),
+                port: port.parse().ok()?,
+                database: database.to_owned(),
+            })
+        }),
+    }
+}
+
+/// What provisioning runs against; `inputs` says when it must run again.
+struct Target<'a> {
+    admin: &'a Admin,
+    endpoint: &'a Endpoint,
+    login: &'a Login,
+    inputs: &'a str,
+}
+
+/// Provisions, unless the same inputs were provisioned recently, and
+/// records the outcome, the role's pool and when to look again in `view`.
+async fn run_provisioning(
+    databases: &Databases,
+    ic: &IntegrationCluster,
+    components: &[String],
+    target: &Target<'_>,
+    view: &mut View,
+) {
     let key = Context::key(ic);
-    let (outcome, retry_in, fresh) = match recent(databases, &key, &inputs) {
+    let (outcome, retry_in, fresh) = match recent(databases, &key, target.inputs) {
         Some((outcome, retry_in)) => (outcome, retry_in, false),
         None => {
-            let outcome =
-                database::provision(&admin, &endpoint, &login, &spec.components, &owner(ic)).await;
-            let retry_in = remember(databases, &key, &inputs, &outcome);
+            let outcome = database::provision(
+                target.admin,
+                target.endpoint,
+                target.login,
+                components,
+                &owner(ic),
+            )
+            .await;
+            let retry_in = remember(databases, &key, target.inputs, &outcome);
             (outcome, retry_in, true)
         }
     };
     let outcome = outcome.and_then(|provisioned| {
-        let pool = pool(databases, &key, &inputs, &admin, &endpoint, &login)?;
+        let pool = pool(
+            databases,
+            &key,
+            target.inputs,
+            target.admin,
+            target.endpoint,
+            target.login,
+        )?;
         Ok((provisioned, pool))
     });
     match outcome {
@@ -389,7 +438,6 @@ pub async fn provision(
         }
     }
     view.retry_in = Some(retry_in);
-    Ok(Some(view))
 }
 
 /// A recent provisioning result for the same inputs, and when it expires.

@@ -439,6 +439,7 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
         return;
     }
     let decided = conditions::Desired::new(condition::DEGRADED, true, RECONCILE_ERROR, message);
+    // The operator has seen this generation, and says it failed on it.
     let desired = IntegrationClusterStatus {
         conditions: conditions::merge(
             &current.conditions,
@@ -446,6 +447,7 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
             ic.metadata.generation,
             Timestamp::now(),
         ),
+        observed_generation: ic.metadata.generation,
         ..current.clone()
     };
     if let Err(e) = write_status(ctx, ic, &current, &desired).await {

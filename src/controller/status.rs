@@ -131,38 +131,8 @@ fn workload_conditions(
     shared_problem: Option<&(&'static str, String)>,
 ) -> (Vec<Desired>, Phase) {
     let spec = &ic.spec;
-    let replicas = spec.replicas;
-    let drift_message = plan
-        .drifted
-        .iter()
-        .map(|(node, why)| format!("{node}: {why}"))
-        .collect::<Vec<_>>()
-        .join("; ");
-    let drift = if plan.drifted.is_empty() {
-        Desired::new(
-            condition::CONFIG_DRIFT,
-            false,
-            "InSync",
-            "every node runs the desired configuration",
-        )
-    } else {
-        Desired::new(condition::CONFIG_DRIFT, true, "Drifted", drift_message)
-    };
-    let stalled = match &plan.stalled {
-        Some(why) => Desired::new(condition::STALLED, true, "NodeNotReady", why.clone()),
-        None => Desired::new(condition::STALLED, false, "NotStalled", ""),
-    };
     let expected = plan.expected;
-    let settled = plan.online == expected
-        && plan.ready >= expected
-        && plan.drifted.is_empty()
-        && plan.nodes.len() == usize::try_from(replicas).unwrap_or_default()
-        && plan.nodes.iter().all(|n| {
-            matches!(
-                n.state,
-                NodeState::Online | NodeState::Offline | NodeState::Removed
-            )
-        });
+    let settled = settled(plan, spec.replicas);
     let counts = format!(
         "{}/{expected} nodes online, {}/{expected} ready",
         plan.online, plan.ready
@@ -172,39 +142,7 @@ fn workload_conditions(
     } else {
         Desired::new(condition::READY, false, "NodesNotReady", counts.clone())
     };
-    let progressing = if settled {
-        Desired::new(condition::PROGRESSING, false, "Settled", counts.clone())
-    } else if spec.paused {
-        Desired::new(
-            condition::PROGRESSING,
-            false,
-            "Paused",
-            "spec.paused is true: workload changes are held",
-        )
-    } else if plan.stalled.is_some() {
-        Desired::new(
-            condition::PROGRESSING,
-            false,
-            "Stalled",
-            "the rollout waits for help, see Stalled",
-        )
-    } else if let Some(why) = &plan.waiting {
-        Desired::new(
-            condition::PROGRESSING,
-            true,
-            "WaitingForDependencies",
-            format!("{why}; {counts}"),
-        )
-    } else if !plan.drifted.is_empty() {
-        Desired::new(
-            condition::PROGRESSING,
-            true,
-            "RollingReplacement",
-            format!("replacing drifted nodes one at a time; {counts}"),
-        )
-    } else {
-        Desired::new(condition::PROGRESSING, true, "Reconciling", counts.clone())
-    };
+    let progressing = progressing(ic, plan, settled, &counts);
     let minimum = expected - spec.rollout.max_unavailable;
     let degraded = if plan.ready < minimum {
         Desired::new(
@@ -236,7 +174,63 @@ fn workload_conditions(
     } else {
         Phase::Progressing
     };
-    (vec![ready, progressing, degraded, drift, stalled], phase)
+    let conditions = vec![ready, progressing, degraded, drift(plan), stalled(plan)];
+    (conditions, phase)
+}
+
+/// Every node is where the spec wants it, on the desired configuration.
+fn settled(plan: &Plan, replicas: i32) -> bool {
+    plan.online == plan.expected
+        && plan.ready >= plan.expected
+        && plan.drifted.is_empty()
+        && plan.nodes.len() == usize::try_from(replicas).unwrap_or_default()
+        && plan.nodes.iter().all(|n| {
+            matches!(
+                n.state,
+                NodeState::Online | NodeState::Offline | NodeState::Removed
+            )
+        })
+}
+
+fn progressing(ic: &IntegrationCluster, plan: &Plan, settled: bool, counts: &str) -> Desired {
+    let (status, reason, message) = if settled {
+        (false, "Settled", counts.to_owned())
+    } else if ic.spec.paused {
+        let why = "spec.paused is true: workload changes are held";
+        (false, "Paused", why.to_owned())
+    } else if plan.stalled.is_some() {
+        let why = "the rollout waits for help, see Stalled";
+        (false, "Stalled", why.to_owned())
+    } else if let Some(why) = &plan.waiting {
+        (true, "WaitingForDependencies", format!("{why}; {counts}"))
+    } else if !plan.drifted.is_empty() {
+        let why = format!("replacing drifted nodes one at a time; {counts}");
+        (true, "RollingReplacement", why)
+    } else {
+        (true, "Reconciling", counts.to_owned())
+    };
+    Desired::new(condition::PROGRESSING, status, reason, message)
+}
+
+fn drift(plan: &Plan) -> Desired {
+    if plan.drifted.is_empty() {
+        let message = "every node runs the desired configuration";
+        return Desired::new(condition::CONFIG_DRIFT, false, "InSync", message);
+    }
+    let message = plan
+        .drifted
+        .iter()
+        .map(|(node, why)| format!("{node}: {why}"))
+        .collect::<Vec<_>>()
+        .join("; ");
+    Desired::new(condition::CONFIG_DRIFT, true, "Drifted", message)
+}
+
+fn stalled(plan: &Plan) -> Desired {
+    match &plan.stalled {
+        Some(why) => Desired::new(condition::STALLED, true, "NodeNotReady", why.clone()),
+        None => Desired::new(condition::STALLED, false, "NotStalled", ""),
+    }
 }
 
 /// Whether `desired` reports `type_` True where `current` did not.
