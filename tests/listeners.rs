@@ -235,6 +235,11 @@ async fn a_terminated_holder_hands_over_within_a_retry_period() {
         agent.wait_exit(Duration::from_secs(10)).await,
         "the agent exits on SIGTERM"
     );
+    assert_eq!(
+        agent.exit_code(),
+        Some(0),
+        "an asked-for stop is no failure"
+    );
     let disabled = b.servers[old]
         .lock()
         .listener
