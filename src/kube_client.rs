@@ -61,6 +61,12 @@ pub async fn for_requests_inferred() -> Result<Client, ClientError> {
     Ok(Client::try_from(for_requests(config))?)
 }
 
+/// A client for watches from the inferred configuration.
+pub async fn for_watches_inferred() -> Result<Client, ClientError> {
+    let config = Config::infer().await?;
+    Ok(Client::try_from(for_watches(config))?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

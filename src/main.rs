@@ -129,7 +129,8 @@ enum AgentCommand {
         /// The mounted configuration (the operator's ConfigMap).
         #[arg(long, env = "CONFIG_DIR", default_value = render::CONFIG_DIR)]
         config_dir: std::path::PathBuf,
-        /// How often to look at the pod and the server, in milliseconds.
+        /// How often to read the server's in-flight work and health, in
+        /// milliseconds (changes of the pod are acted on as they come).
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
         #[command(flatten)]
@@ -400,13 +401,15 @@ async fn agent_watch(
     setup: agent::ListenerSetup,
 ) -> anyhow::Result<()> {
     telemetry::init(telemetry::LogFormat::Text);
-    let client = kube_client::for_requests_inferred()
+    let requests = kube_client::for_requests_inferred()
         .await
         .context("the agent's Kubernetes client")?;
-    let interval = std::time::Duration::from_millis(interval_ms);
+    let watches = kube_client::for_watches_inferred()
+        .await
+        .context("the agent's Kubernetes client for watches")?;
     let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
-    // A signal asks the loop to stop; it disables and releases the
+    // A signal asks the agent to stop; it disables and releases the
     // listeners before it returns.
     let (stop, shutdown) = tokio::sync::watch::channel(false);
     tokio::spawn(async move {
@@ -416,10 +419,17 @@ async fn agent_watch(
         }
         let _ = stop.send(true);
     });
-    agent::watch(
-        client, &namespace, &pod, hooks, packages, interval, setup, shutdown,
-    )
-    .await?;
+    let agent = agent::Agent {
+        requests,
+        watches,
+        namespace,
+        pod,
+        hooks,
+        packages,
+        interval: std::time::Duration::from_millis(interval_ms),
+        listeners: setup,
+    };
+    agent.run(shutdown).await?;
     Ok(())
 }
 

@@ -634,3 +634,206 @@ async fn url_packages_are_downloaded_verified_and_unpacked() {
     );
     assert_eq!(manifest.expect("unpacked"), "version=9.6");
 }
+
+/// The stand-in's hooks, as `Operator::agent_with` passes them.
+const STANDIN_HOOKS: [&str; 8] = [
+    "--quiesce-path",
+    "/quiesce",
+    "--resume-path",
+    "/resume",
+    "--in-flight-path",
+    "/inflight",
+    "--health-path",
+    "/health",
+];
+
+/// A bare pod named `name` for an agent to impersonate, without an
+/// operator: the agent needs only its pod.
+async fn lone_pod(client: &Client, ns: &str, name: &str) -> Pod {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "spec": {"automountServiceAccountToken": false, "containers": [{"name": "server", "image": "srv:1"}]},
+    }))
+    .expect("pod");
+    // A new namespace gets its default ServiceAccount a moment later, and
+    // pods are refused until then.
+    wait_until(Duration::from_secs(30), "pod created", || async {
+        pods.create(&Default::default(), &pod).await.ok()
+    })
+    .await
+}
+
+/// Waits until the agent of `pod` reported on it once.
+async fn reported(pods: &Api<Pod>, pod: &str) {
+    wait_until(Duration::from_secs(30), "the agent reporting", || async {
+        let pod = pods.get(pod).await.ok()?;
+        integration_operator::protocol::Report::of(&pod).map(|_| ())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_agent_whose_claim_endpoint_cannot_bind_exits_and_says_why() {
+    let client = admin().await;
+    let ns = namespace(&client, "agent-claimbind").await;
+    lone_pod(&client, &ns, "c-0").await;
+    let server = StandIn::start().await;
+    // Something else in the pod holds the claim port.
+    let port = free_port();
+    let _taken = std::net::TcpListener::bind(("127.0.0.1", port)).expect("take the port");
+    let claim = format!("127.0.0.1:{port}");
+    let started = std::time::Instant::now();
+    let mut agent = Operator::agent_with(
+        &ns,
+        "c-0",
+        &server.address,
+        &[
+            "--listeners",
+            r#"[{"name":"invoices","mode":"multiNode"}]"#,
+            "--claim-address",
+            &claim,
+            "--database-host",
+            "127.0.0.1",
+            "--database-name",
+            "unused",
+        ],
+    );
+    let exited = agent.wait_exit(Duration::from_secs(10)).await;
+    let log = std::fs::read_to_string(Operator::agent_log(&ns, "c-0")).unwrap_or_default();
+    assert!(
+        exited,
+        "the agent still runs without its claim endpoint after {:?}:\n{log}",
+        started.elapsed()
+    );
+    assert_eq!(agent.exit_code(), Some(1), "{log}");
+    assert!(
+        log.contains("claim endpoint") && log.contains(&claim) && log.contains("in use"),
+        "the log says which task ended and why:\n{log}"
+    );
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn a_desired_state_change_reaches_the_server_well_within_the_interval() {
+    use integration_operator::protocol::Desired;
+    let client = admin().await;
+    let ns = namespace(&client, "agent-react").await;
+    lone_pod(&client, &ns, "c-0").await;
+    let server = StandIn::start().await;
+    // The agent's default interval: it looked at its pod this often
+    // before it watched it.
+    let _agent = Operator::agent_every(
+        &ns,
+        "c-0",
+        &server.address,
+        "1000",
+        &STANDIN_HOOKS,
+        &admin_kubeconfig(),
+    );
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &ns);
+    reported(&pods, "c-0").await;
+    let mut latencies = Vec::new();
+    for i in 0..20 {
+        let desired = if i % 2 == 0 {
+            Desired::Offline
+        } else {
+            Desired::Online
+        };
+        // From the request: the agent may act before the answer is back.
+        let asked = std::time::Instant::now();
+        pods.patch(
+            "c-0",
+            &PatchParams::default(),
+            &Patch::Merge(desired.patch()),
+        )
+        .await
+        .expect("patch the desired state");
+        let quiesced = desired == Desired::Offline;
+        while server.lock().quiesced != quiesced {
+            assert!(
+                asked.elapsed() < Duration::from_secs(5),
+                "{desired} did not reach the server"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        latencies.push(asked.elapsed());
+    }
+    assert_eq!(server.lock().calls.len(), 20, "one hook call per change");
+    latencies.sort();
+    let median = latencies[latencies.len() / 2];
+    eprintln!("median {median:?}, all {latencies:?}");
+    assert!(
+        median < Duration::from_millis(200),
+        "median {median:?} from a changed desired state to the server: {latencies:?}"
+    );
+    delete_namespace(&client, &ns).await;
+}
+
+#[tokio::test]
+async fn an_agent_with_its_service_accounts_rights_watches_its_pod_and_lists_no_other() {
+    use kube::api::PostParams;
+    let client = admin().await;
+    let ns = namespace(&client, "agent-rbac").await;
+    let _operator = Operator::start(&ns);
+    let yaml = "apiVersion: integration.dev/v1alpha1\nkind: IntegrationCluster\nmetadata: {name: c}\n\
+                spec:\n  profile: generic\n  mode: stateless\n  image: srv:1\n  replicas: 2\n";
+    create_yaml(&client, &ns, yaml).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "c", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    // A pod of the namespace that is not the cluster's.
+    lone_pod(&client, &ns, "other").await;
+
+    let account = integration_operator::naming::agent_account("c");
+    let kubeconfig = service_account_kubeconfig(&ns, &account);
+    let server = StandIn::start().await;
+    let _agent = Operator::agent_via(&ns, "c-0", &server.address, &STANDIN_HOOKS, &kubeconfig);
+    spec(&api, json!({"nodes": {"offline": ["c-0"]}})).await;
+    status_when(&api, "c", "c-0 Offline", |s| {
+        in_state(s, "c-0", NodeState::Offline)
+    })
+    .await;
+    assert!(server.lock().quiesced, "the agent quiesced its server");
+
+    // What the agent's rights allow: its cluster's pods by name, a list
+    // or watch only with a metadata.name field selector.
+    let agent = client_for(&kubeconfig).await;
+    let pods: Api<Pod> = Api::namespaced(agent, &ns);
+    let forbidden =
+        |r: Result<_, kube::Error>| matches!(r, Err(kube::Error::Api(s)) if s.code == 403);
+    assert!(
+        forbidden(pods.list(&ListParams::default()).await.map(|_| ())),
+        "the agent lists every pod"
+    );
+    let own = pods
+        .list(&ListParams::default().fields("metadata.name=c-0"))
+        .await
+        .expect("the agent lists its own pod by name");
+    assert_eq!(own.items.len(), 1);
+    let others = pods
+        .list(&ListParams::default().fields("metadata.name=other"))
+        .await
+        .map(|_| ());
+    assert!(forbidden(others), "the agent lists another pod by name");
+    assert!(
+        forbidden(
+            pods.patch(
+                "other",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"annotations": {"x": "y"}}}))
+            )
+            .await
+            .map(|_| ())
+        ),
+        "the agent patches another pod"
+    );
+    assert!(
+        forbidden(
+            pods.create(&PostParams::default(), &Pod::default())
+                .await
+                .map(|_| ())
+        ),
+        "the agent creates pods"
+    );
+    delete_namespace(&client, &ns).await;
+}

@@ -235,6 +235,11 @@ async fn a_terminated_holder_hands_over_within_a_retry_period() {
         agent.wait_exit(Duration::from_secs(10)).await,
         "the agent exits on SIGTERM"
     );
+    assert_eq!(
+        agent.exit_code(),
+        Some(0),
+        "an asked-for stop is no failure"
+    );
     let disabled = b.servers[old]
         .lock()
         .listener
@@ -1108,4 +1113,91 @@ async fn a_claim_of_a_node_killed_mid_way_is_granted_again_after_its_lease_and_c
     .await;
     assert_eq!(left, ["order-8", "order-9"]);
     delete_namespace(&b.client, &b.ns).await;
+}
+
+#[tokio::test]
+async fn a_listener_whose_task_died_holding_it_is_disabled_and_its_lease_released() {
+    use integration_operator::agent::hooks::Hooks;
+    use integration_operator::api::ListenerSpec;
+    use integration_operator::listeners::{
+        ListenerHooks, Listeners, holder_identity, lease_name, listen, step_down_left_over,
+    };
+    let client = admin().await;
+    let ns = namespace(&client, "lsn-died").await;
+    // The Lease as the operator creates it.
+    let name = lease_name("l", "orders-in");
+    let leases: Api<Lease> = Api::namespaced(client.clone(), &ns);
+    let lease: Lease = serde_json::from_value(json!({"metadata": {"name": name}})).expect("lease");
+    leases
+        .create(&Default::default(), &lease)
+        .await
+        .expect("create the lease");
+    let server = StandIn::start().await;
+    let hook = |p: &str| Some(format!("/listener/{p}"));
+    let listeners = Arc::new(Listeners::new(
+        leases,
+        holder_identity("l-0", "a1"),
+        "l".into(),
+        Hooks {
+            address: server.address.clone(),
+            quiesce: None,
+            resume: None,
+            in_flight: None,
+            health: None,
+            authorization: None,
+        },
+        ListenerHooks {
+            enable: hook("enable"),
+            disable: hook("disable"),
+            renew: hook("renew"),
+        },
+    ));
+    let specs: Vec<ListenerSpec> = serde_json::from_str(LISTENERS).expect("specs");
+    let (_eligible, online) = tokio::sync::watch::channel(true);
+    let (_stop, stopping) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(listen(
+        listeners.clone(),
+        specs[0].clone(),
+        online,
+        stopping,
+    ));
+    let epoch = wait_until(Duration::from_secs(10), "the listener enabled", || async {
+        server
+            .lock()
+            .listener
+            .iter()
+            .find(|c| c.action == ListenerAction::Enable)
+            .map(|c| c.epoch)
+    })
+    .await;
+    assert!(lease_holder(&client, &ns, &name).await.is_some());
+
+    // The task dies holding the listener (as in a panic, nothing of it
+    // runs any more); what the agent does after any task ended:
+    task.abort();
+    assert!(task.await.is_err_and(|e| e.is_cancelled()));
+    let died = SystemTime::now();
+    step_down_left_over(&listeners, &specs).await;
+    let calls = server.lock().listener.clone();
+    let after: Vec<_> = calls.iter().filter(|c| c.at >= died).collect();
+    assert!(
+        after
+            .iter()
+            .any(|c| c.action == ListenerAction::Disable && c.epoch == epoch),
+        "disabled under its epoch {epoch}: {calls:#?}"
+    );
+    assert_eq!(
+        lease_holder(&client, &ns, &name).await,
+        None,
+        "the Lease is free for the next node at once"
+    );
+    // Nothing renews it any more.
+    tokio::time::sleep(RETRY * 2).await;
+    let renewed = server
+        .lock()
+        .listener
+        .iter()
+        .any(|c| c.at >= died && c.action != ListenerAction::Disable);
+    assert!(!renewed, "a dead task's listener was renewed");
+    delete_namespace(&client, &ns).await;
 }

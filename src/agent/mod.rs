@@ -1,24 +1,32 @@
-//! The in-pod agent. It talks only to the Kubernetes API (its own pod) and
-//! to its own server on loopback: the operator writes the desired state as
-//! a pod annotation, the agent quiesces or resumes the server through the
-//! profile's hooks and reports what the server does as pod annotations.
+//! The in-pod agent. It talks only to the Kubernetes API (its own pod and
+//! its listeners' Leases) and to its own server on loopback: the operator
+//! writes the desired state as a pod annotation, the agent (watching its
+//! pod) quiesces or resumes the server through the profile's hooks and
+//! reports what the server does as pod annotations. Its tasks run in a set
+//! it supervises ([`tasks`]): when one ends, the agent steps its listeners
+//! down and exits.
 
 pub mod hooks;
 pub mod init;
+mod node;
+pub mod tasks;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::{Api, PatchParams};
 use kube::{Client, ResourceExt};
-use tracing::{info, warn};
+use tokio::sync::watch;
+use tracing::{error, info, warn};
 
 use crate::api::ListenerSpec;
 use crate::listeners::{ListenerHooks, Listeners};
-use crate::protocol::{Desired, Report};
+use crate::protocol::Desired;
 use hooks::Hooks;
+use node::Node;
+use tasks::{Seen, Task, TaskEnd, Tasks};
 
 /// Field manager of the agent's writes (its pod's report, listener Leases).
 pub const FIELD_MANAGER: &str = "integration-agent";
@@ -30,14 +38,14 @@ fn patch_params() -> PatchParams {
     }
 }
 
-/// Why the agent stopped.
+/// Why the agent stopped on its own.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("reading pod {pod}: {source}")]
-    ReadPod {
-        pod: String,
+    #[error("the {task} task ended: {end}")]
+    TaskEnded {
+        task: Task,
         #[source]
-        source: kube::Error,
+        end: TaskEnd,
     },
 }
 
@@ -125,164 +133,194 @@ fn online(pod: &Pod) -> bool {
     gate && !offline && pod.metadata.deletion_timestamp.is_none()
 }
 
-/// Runs the sidecar loop until `shutdown` turns true; listeners are
-/// disabled and their Leases released before it returns.
-#[allow(clippy::too_many_arguments)]
-pub async fn watch(
-    client: Client,
-    namespace: &str,
-    pod_name: &str,
-    hooks: Hooks,
-    packages: Packages,
-    interval: Duration,
-    setup: ListenerSetup,
-    mut shutdown: tokio::sync::watch::Receiver<bool>,
-) -> Result<(), AgentError> {
-    let pods: Api<Pod> = Api::namespaced(client.clone(), namespace);
-    let mut quiesced = false;
-    let mut first = true;
-    let mut installed: Option<String> = None;
-    let mut files: Option<String> = None;
-    let mut checked: Option<tokio::time::Instant> = None;
-    let (eligible_tx, eligible_rx) = tokio::sync::watch::channel(false);
-    let mut listeners: Option<(Arc<Listeners>, tokio::task::JoinHandle<()>)> = None;
-    let mut claims: Option<tokio::task::JoinHandle<()>> = None;
-    // The UID of the pod this agent started in: a pod of the same name with
-    // another UID is a successor, and this agent no longer contends.
-    let mut uid: Option<String> = None;
-    info!(pod = pod_name, server = %hooks.address, "agent watching");
-    loop {
-        if *shutdown.borrow() {
-            break;
+/// The sidecar: what it talks to and how often it looks at its server.
+pub struct Agent {
+    /// Client for requests (reports, Leases).
+    pub requests: Client,
+    /// Client for the watch on the agent's pod (see [`crate::kube_client`]).
+    pub watches: Client,
+    pub namespace: String,
+    pub pod: String,
+    pub hooks: Hooks,
+    pub packages: Packages,
+    /// How often the server's in-flight work and health are read again;
+    /// changes of the pod are acted on as they come.
+    pub interval: Duration,
+    pub listeners: ListenerSetup,
+}
+
+impl Agent {
+    /// Runs until `shutdown` turns true, or until one of its tasks ends on
+    /// its own (an error: the container should be restarted). Either way
+    /// the listeners are disabled and their Leases released first.
+    pub async fn run(self, shutdown: watch::Receiver<bool>) -> Result<(), AgentError> {
+        let (stop, stopping) = watch::channel(false);
+        let (latest_tx, latest) = watch::channel(Seen::Nothing);
+        let mut tasks = Tasks::default();
+        let pods = Api::namespaced(self.watches.clone(), &self.namespace);
+        tasks.spawn(
+            Task::PodWatch,
+            tasks::watch_pod(pods, self.pod.clone(), latest_tx),
+        );
+        // The claim endpoint needs nothing from the pod: it starts at
+        // once, so a port it cannot have ends the agent at once.
+        if let Some((address, options)) = self.listeners.claims.clone() {
+            tasks.spawn(
+                Task::ClaimEndpoint,
+                tasks::serve_claims(address, options, self.pod.clone()),
+            );
         }
-        // The API may be away for a while; the listeners' own deadlines
-        // keep them safe, so the agent waits instead of exiting.
-        let pod = match pods.get(pod_name).await {
-            Ok(pod) => pod,
-            Err(source) => {
-                warn!(error = %AgentError::ReadPod { pod: pod_name.to_owned(), source }, "will retry");
-                tokio::select! {
-                    _ = tokio::time::sleep(interval) => {}
-                    _ = shutdown.changed() => {}
-                }
-                continue;
-            }
+        info!(pod = %self.pod, server = %self.hooks.address, "agent watching");
+        let mut running = Running {
+            agent: &self,
+            tasks,
+            node: None,
+            listeners: None,
+            eligible: watch::channel(false).0,
+            stopping,
+            gone: false,
         };
-        if first {
-            quiesced = Report::of(&pod).is_some_and(|r| r.quiesced);
-            first = false;
-            uid = pod.metadata.uid.clone();
-            let cluster = pod.labels().get(crate::naming::labels::CLUSTER).cloned();
-            if let (Some(cluster), false) = (cluster, setup.specs.is_empty()) {
-                let shared = Arc::new(Listeners {
-                    leases: Api::namespaced(client.clone(), namespace),
-                    me: crate::listeners::holder_identity(
-                        pod_name,
-                        uid.as_deref().unwrap_or_default(),
-                    ),
-                    cluster,
-                    hooks: hooks.clone(),
-                    paths: setup.paths.clone(),
-                    holding: Default::default(),
-                });
-                let task = tokio::spawn(crate::listeners::run(
-                    shared.clone(),
-                    setup.specs.clone(),
-                    eligible_rx.clone(),
-                    shutdown.clone(),
-                ));
-                listeners = Some((shared, task));
+        let ended = running.follow(latest, shutdown).await;
+        if let Some((task, end)) = &ended {
+            error!(%task, reason = %end, "a task ended: stepping listeners down, then exiting");
+        }
+        let Running {
+            tasks, listeners, ..
+        } = running;
+        let _ = stop.send(true);
+        tasks.wind_down(crate::listeners::RELEASE_TIMEOUT).await;
+        if let Some(listeners) = listeners {
+            crate::listeners::step_down_left_over(&listeners, &self.listeners.specs).await;
+        }
+        match ended {
+            None => Ok(()),
+            Some((task, end)) => Err(AgentError::TaskEnded { task, end }),
+        }
+    }
+}
+
+/// The agent while it runs.
+struct Running<'a> {
+    agent: &'a Agent,
+    tasks: Tasks,
+    /// Known from the first pod seen.
+    node: Option<Node>,
+    listeners: Option<Arc<Listeners>>,
+    /// Whether this node contends for listeners: online, and still the
+    /// pod this agent started in.
+    eligible: watch::Sender<bool>,
+    /// Turns true when the agent stops; the listener tasks step down.
+    stopping: watch::Receiver<bool>,
+    /// The pod was not found at the last look.
+    gone: bool,
+}
+
+impl Running<'_> {
+    /// Looks at the pod and the server at each change of the pod and
+    /// every interval, until `shutdown` turns true (None) or a task ends
+    /// (which one, and why).
+    async fn follow(
+        &mut self,
+        mut latest: watch::Receiver<Seen>,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Option<(Task, TaskEnd)> {
+        let mut tick = tokio::time::interval(self.agent.interval);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            if *shutdown.borrow() {
+                return None;
             }
-            if let Some((address, options)) = setup.claims.clone() {
-                let pool = sqlx::postgres::PgPoolOptions::new()
-                    .max_connections(4)
-                    .connect_lazy_with(options);
-                let node = pod_name.to_owned();
-                claims = Some(tokio::spawn(async move {
-                    if let Err(e) = crate::listeners::claims::serve(address, pool, node).await {
-                        warn!(%address, error = %e, "claim endpoint stopped");
-                    }
-                }));
+            tokio::select! {
+                biased;
+                Ok(()) = shutdown.changed() => continue,
+                Some(ended) = self.tasks.next_end() => return Some(ended),
+                Ok(()) = latest.changed() => {}
+                _ = tick.tick() => {}
+            }
+            let seen = latest.borrow_and_update().clone();
+            match seen {
+                Seen::Pod(pod) => self.look(&pod).await,
+                Seen::Absent => self.pod_gone(),
+                Seen::Nothing => {}
             }
         }
-        eligible_tx.send_if_modified(|was| {
-            let now = online(&pod) && pod.metadata.uid == uid;
+    }
+
+    async fn look(&mut self, pod: &Pod) {
+        if self.gone {
+            info!(pod = %self.agent.pod, "pod found");
+            self.gone = false;
+        }
+        if self.node.is_none() {
+            self.start(pod);
+        }
+        let Some(node) = self.node.as_mut() else {
+            return;
+        };
+        let now = online(pod) && pod.metadata.uid == node.uid;
+        self.eligible.send_if_modified(|was| {
             let changed = *was != now;
             *was = now;
             changed
         });
-        let want_offline = Desired::of(&pod) == Desired::Offline;
-        // A node going offline hands its listeners over first.
-        let handing_over = listeners.as_ref().is_some_and(|(l, _)| l.holds_any());
-        if want_offline && !quiesced && handing_over {
-            info!(pod = pod_name, "handing listeners over before quiescing");
-        } else if want_offline && !quiesced {
-            match hooks.quiesce().await {
-                Ok(()) => {
-                    quiesced = true;
-                    info!(pod = pod_name, "server quiesced");
-                }
-                Err(e) => warn!(pod = pod_name, error = %e, "quiesce failed"),
-            }
-        } else if !want_offline && quiesced {
-            match hooks.resume().await {
-                Ok(()) => {
-                    quiesced = false;
-                    info!(pod = pod_name, "server resumed");
-                }
-                Err(e) => warn!(pod = pod_name, error = %e, "resume failed"),
-            }
-        }
-        let in_flight = match hooks.in_flight().await {
-            Ok(n) => Some(n),
-            Err(e) => {
-                warn!(pod = pod_name, error = %e, "reading in-flight work failed");
-                None
-            }
-        };
-        if checked.is_none_or(|t| t.elapsed() > PACKAGE_CHECK) {
-            installed = init::read_list(&packages.list).ok().map(|list| {
-                init::installed_digest(&list, &packages.installed)
-                    .unwrap_or_else(|| "incomplete".to_owned())
-            });
-            files = config_files(&packages.config_dir)
-                .map(|data| crate::render::files_digest(&data, pod_name));
-            checked = Some(tokio::time::Instant::now());
-        }
-        let report = Report {
-            quiesced,
-            in_flight,
-            healthy: hooks.healthy().await,
-            installed_packages: installed.clone(),
-            config_files: files.clone(),
-        };
-        if Report::of(&pod).as_ref() != Some(&report) {
-            let patch = serde_json::json!({"metadata": {"annotations": report.annotations()}});
-            if let Err(e) = pods
-                .patch(pod_name, &patch_params(), &Patch::Merge(&patch))
-                .await
-            {
-                warn!(pod = pod_name, error = %e, "reporting failed");
-            }
-        }
-        tokio::select! {
-            _ = tokio::time::sleep(interval) => {}
-            _ = shutdown.changed() => {}
-        }
+        let handing_over = self.listeners.as_ref().is_some_and(|l| l.holds_any());
+        node.follow(pod, handing_over).await;
+        node.report(pod).await;
     }
-    if let Some(claims) = claims {
-        claims.abort();
-    }
-    if let Some((_, task)) = listeners {
-        // The listener tasks saw the shutdown too: they disable and release.
-        if tokio::time::timeout(crate::listeners::RELEASE_TIMEOUT, task)
-            .await
-            .is_err()
-        {
-            warn!(pod = pod_name, "listeners did not release in time");
+
+    /// The pod is deleted (or not created yet): a node without a pod is
+    /// not online.
+    fn pod_gone(&mut self) {
+        if !self.gone {
+            warn!(pod = %self.agent.pod, "pod not found");
+            self.gone = true;
         }
+        self.eligible
+            .send_if_modified(|was| std::mem::replace(was, false));
     }
-    Ok(())
+
+    /// Starts following the node the first pod seen shows, and its
+    /// listeners.
+    fn start(&mut self, first: &Pod) {
+        let agent = self.agent;
+        let pods = Api::namespaced(agent.requests.clone(), &agent.namespace);
+        let node = Node::new(
+            pods,
+            agent.pod.clone(),
+            first,
+            agent.hooks.clone(),
+            agent.packages.clone(),
+        );
+        let cluster = first.labels().get(crate::naming::labels::CLUSTER).cloned();
+        if let (Some(cluster), false) = (cluster, agent.listeners.specs.is_empty()) {
+            let me = crate::listeners::holder_identity(
+                &agent.pod,
+                node.uid.as_deref().unwrap_or_default(),
+            );
+            let listeners = Arc::new(Listeners::new(
+                Api::namespaced(agent.requests.clone(), &agent.namespace),
+                me,
+                cluster,
+                agent.hooks.clone(),
+                agent.listeners.paths.clone(),
+            ));
+            for spec in &agent.listeners.specs {
+                let task = crate::listeners::listen(
+                    listeners.clone(),
+                    spec.clone(),
+                    self.eligible.subscribe(),
+                    self.stopping.clone(),
+                );
+                self.tasks
+                    .spawn(Task::Listener(spec.name.clone()), async move {
+                        task.await;
+                        Ok(())
+                    });
+            }
+            self.listeners = Some(listeners);
+        }
+        self.node = Some(node);
+    }
 }
 
 #[cfg(test)]

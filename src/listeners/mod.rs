@@ -19,7 +19,7 @@
 pub mod claims;
 pub mod election;
 
-use std::collections::BTreeSet;
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -46,33 +46,58 @@ pub struct ListenerHooks {
 
 /// What every listener task of one agent shares.
 pub struct Listeners {
-    pub leases: Api<Lease>,
+    leases: Api<Lease>,
     /// This agent's Lease holder identity (see [`holder_identity`]).
-    pub me: String,
+    me: String,
     /// The cluster's name (the IntegrationCluster's metadata.name).
-    pub cluster: String,
-    pub hooks: Hooks,
-    pub paths: ListenerHooks,
-    /// Names of the single-node listeners this agent holds now.
-    pub holding: Mutex<BTreeSet<String>>,
+    cluster: String,
+    hooks: Hooks,
+    paths: ListenerHooks,
+    /// Each listener's fence as its task last left it: what the server may
+    /// still be listening to. A task that dies (a panic, an abort) takes
+    /// its own copy with it; from this one the agent steps its listener
+    /// down anyway ([`step_down_left_over`]).
+    fences: Mutex<BTreeMap<String, Fence>>,
 }
 
 impl Listeners {
-    fn set_holding(&self, listener: &str, holds: bool) {
-        let mut holding = self
-            .holding
+    pub fn new(
+        leases: Api<Lease>,
+        me: String,
+        cluster: String,
+        hooks: Hooks,
+        paths: ListenerHooks,
+    ) -> Self {
+        Listeners {
+            leases,
+            me,
+            cluster,
+            hooks,
+            paths,
+            fences: Mutex::default(),
+        }
+    }
+
+    fn fences(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Fence>> {
+        self.fences
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if holds {
-            holding.insert(listener.to_owned());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Records `fence` as `listener`'s; a listener its server is known not
+    /// to listen to is dropped from the record.
+    fn record(&self, listener: &str, fence: &Fence) {
+        let mut fences = self.fences();
+        if fence.held.is_none() && fence.unconfirmed.is_none() {
+            fences.remove(listener);
         } else {
-            holding.remove(listener);
+            fences.insert(listener.to_owned(), fence.clone());
         }
     }
 
     /// Whether this agent holds any single-node listener.
     pub fn holds_any(&self) -> bool {
-        self.holding.lock().map_or(true, |h| !h.is_empty())
+        self.fences().values().any(|f| f.held.is_some())
     }
 
     /// Calls a listener hook; a listener without that hook has nothing
@@ -144,50 +169,47 @@ pub fn holder_node(identity: &str) -> &str {
     identity.split_once('/').map_or(identity, |(node, _)| node)
 }
 
+#[derive(Clone, Debug)]
 struct Held {
     epoch: i32,
     /// When the last successful renewal (or the acquisition) started.
     last_renew: Instant,
 }
 
-/// Where this agent's server stands with a single-node listener, across
-/// turns of the election loop.
-#[derive(Default)]
+/// Where this agent's server stands with a listener, across turns of its
+/// loop.
+#[derive(Clone, Debug, Default)]
 struct Fence {
     /// Holding the Lease, listening under this epoch.
     held: Option<Held>,
     /// Not holding, but a disable under this epoch was never confirmed:
     /// the server may still listen, so the Lease must not be released.
+    /// A multi-node listener's enable is such an epoch (0) until disabled.
     unconfirmed: Option<i32>,
 }
 
 /// Pause between disable attempts within the renew deadline.
 const DISABLE_RETRY: Duration = Duration::from_millis(250);
 
-/// Runs every listener of `specs` until `shutdown` turns true; single-node
-/// listeners release their Leases before this returns.
-pub async fn run(
+fn timings(spec: &ListenerSpec) -> Timings {
+    Timings::from_seconds(
+        spec.lease_duration_seconds,
+        spec.renew_deadline_seconds,
+        spec.retry_period_seconds,
+    )
+}
+
+/// Runs one listener of this agent until `shutdown` turns true; a
+/// single-node listener releases its Lease before this returns.
+pub async fn listen(
     listeners: Arc<Listeners>,
-    specs: Vec<ListenerSpec>,
+    spec: ListenerSpec,
     eligible: watch::Receiver<bool>,
     shutdown: watch::Receiver<bool>,
 ) {
-    let tasks: Vec<_> = specs
-        .into_iter()
-        .map(|spec| {
-            let listeners = listeners.clone();
-            let eligible = eligible.clone();
-            let shutdown = shutdown.clone();
-            tokio::spawn(async move {
-                match spec.mode {
-                    ListenerMode::SingleNode => single(&listeners, &spec, eligible, shutdown).await,
-                    ListenerMode::MultiNode => multi(&listeners, &spec, eligible, shutdown).await,
-                }
-            })
-        })
-        .collect();
-    for task in tasks {
-        let _ = task.await;
+    match spec.mode {
+        ListenerMode::SingleNode => single(&listeners, &spec, eligible, shutdown).await,
+        ListenerMode::MultiNode => multi(&listeners, &spec, eligible, shutdown).await,
     }
 }
 
@@ -203,12 +225,21 @@ async fn multi(
         let want = *eligible.borrow() && !*shutdown.borrow();
         if want != enabled {
             let path = if want {
+                // Recorded before the call: the server may listen from
+                // the moment it is asked.
+                let listening = Fence {
+                    held: None,
+                    unconfirmed: Some(0),
+                };
+                listeners.record(&spec.name, &listening);
                 &listeners.paths.enable
             } else {
                 &listeners.paths.disable
             };
-            if let Err(e) = listeners.call(path.as_deref(), spec, 0, None).await {
-                warn!(listener = %spec.name, error = %e, "listener hook failed");
+            match listeners.call(path.as_deref(), spec, 0, None).await {
+                Ok(()) if !want => listeners.record(&spec.name, &Fence::default()),
+                Ok(()) => {}
+                Err(e) => warn!(listener = %spec.name, error = %e, "listener hook failed"),
             }
             enabled = want;
             info!(listener = %spec.name, enabled, "multi-node listener");
@@ -230,141 +261,183 @@ async fn single(
     mut eligible: watch::Receiver<bool>,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let name = lease_name(&listeners.cluster, &spec.name);
-    let timings = Timings::from_seconds(
-        spec.lease_duration_seconds,
-        spec.renew_deadline_seconds,
-        spec.retry_period_seconds,
-    );
-    let me = listeners.me.as_str();
-    let mut fence = Fence::default();
-    let mut seen: Option<(Record, Instant)> = None;
+    let mut election = Election {
+        listeners,
+        spec,
+        lease: lease_name(&listeners.cluster, &spec.name),
+        timings: timings(spec),
+        fence: Fence::default(),
+        seen: None,
+    };
     loop {
         // Fencing comes first: a holder past its renew deadline stops
         // listening before anything else, also right after waking from a
         // freeze.
-        if let Some(h) = &fence.held
-            && election::must_step_down(h.last_renew, Instant::now(), &timings)
+        if let Some(h) = &election.fence.held
+            && election::must_step_down(h.last_renew, Instant::now(), &election.timings)
         {
             warn!(listener = %spec.name, "renew deadline passed: disabling the listener");
-            step_down(listeners, spec, &mut fence, &timings).await;
+            election.step_down().await;
         }
         let stopping = *shutdown.borrow();
-        let wanted = *eligible.borrow() && !stopping;
-
-        match tokio::time::timeout(timings.retry, listeners.leases.get_opt(&name)).await {
-            Ok(Ok(Some(lease))) => {
-                let record = crate::lease::record_of(&lease);
-                let observed_at = match &seen {
-                    Some((r, at)) if *r == record => *at,
-                    _ => Instant::now(),
-                };
-                seen = Some((record.clone(), observed_at));
-                let mine = record.holder.as_deref() == Some(me);
-                if mine && fence.held.is_none() && fence.unconfirmed.is_none() {
-                    // The Lease names this agent but this process does not
-                    // hold it (the agent restarted, or a release failed):
-                    // the server may still listen from before.
-                    fence.unconfirmed = Some(record.transitions);
-                }
-                if !wanted {
-                    let disabled = step_down(listeners, spec, &mut fence, &timings).await;
-                    if mine && election::after_step_down(disabled) == AfterStepDown::Release {
-                        crate::lease::release(
-                            &listeners.leases,
-                            lease,
-                            crate::agent::FIELD_MANAGER,
-                            &timings,
-                        )
-                        .await;
-                    }
-                } else {
-                    match election::next(me, &record, observed_at, Instant::now()) {
-                        Next::Wait => {
-                            if fence.held.is_some() {
-                                info!(listener = %spec.name, holder = ?record.holder, "lost the lease");
-                            }
-                            step_down(listeners, spec, &mut fence, &timings).await;
-                        }
-                        next => {
-                            // Every time this agent starts listening is a
-                            // new epoch, also when the Lease still names it
-                            // (after a step-down or a restart).
-                            let epoch = if next == Next::Acquire || fence.held.is_none() {
-                                record.transitions + 1
-                            } else {
-                                record.transitions
-                            };
-                            let started = Instant::now();
-                            let wall = SystemTime::now();
-                            let written = crate::lease::write(
-                                &listeners.leases,
-                                lease,
-                                crate::agent::FIELD_MANAGER,
-                                me,
-                                epoch,
-                                &timings,
-                            )
-                            .await;
-                            if written
-                                && !election::must_step_down(started, Instant::now(), &timings)
-                            {
-                                let until = election::listen_until(wall, &timings);
-                                let (path, hook) = if fence.held.is_none() {
-                                    listeners.set_holding(&spec.name, true);
-                                    info!(listener = %spec.name, epoch, "holding the lease: enabling the listener");
-                                    (&listeners.paths.enable, "enable")
-                                } else {
-                                    (&listeners.paths.renew, "renew")
-                                };
-                                if let Err(e) = listeners
-                                    .call(path.as_deref(), spec, epoch, Some(until))
-                                    .await
-                                {
-                                    warn!(listener = %spec.name, hook, error = %e, "listener hook failed");
-                                }
-                                // Listening under the new epoch supersedes
-                                // an unconfirmed disable.
-                                fence.unconfirmed = None;
-                                fence.held = Some(Held {
-                                    epoch,
-                                    last_renew: started,
-                                });
-                            }
-                        }
-                    }
-                }
-            }
-            Ok(Ok(None)) => {
-                // The operator creates the Lease; nothing to hold yet.
-                step_down(listeners, spec, &mut fence, &timings).await;
-            }
-            Ok(Err(e)) => {
-                warn!(listener = %spec.name, error = %e, "reading the lease failed");
-                retry_unconfirmed(listeners, spec, &mut fence, &timings).await;
-            }
-            Err(_) => {
-                warn!(listener = %spec.name, "reading the lease timed out");
-                retry_unconfirmed(listeners, spec, &mut fence, &timings).await;
-            }
-        }
+        election.turn(*eligible.borrow() && !stopping).await;
         if stopping {
             // Whatever the API said, the server stops listening.
-            step_down(listeners, spec, &mut fence, &timings).await;
+            election.step_down().await;
             return;
         }
-        // Sleep a retry period, but never past the renew deadline, and wake
-        // at once when the node's eligibility or shutdown changes.
-        let mut wait = timings.retry;
-        if let Some(h) = &fence.held {
-            let deadline = h.last_renew + timings.renew_deadline;
-            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
-        }
         tokio::select! {
-            _ = tokio::time::sleep(wait) => {}
+            _ = tokio::time::sleep(election.pause()) => {}
             _ = eligible.changed() => {}
             _ = shutdown.changed() => {}
         }
+    }
+}
+
+/// One single-node listener's election, between turns.
+struct Election<'a> {
+    listeners: &'a Listeners,
+    spec: &'a ListenerSpec,
+    lease: String,
+    timings: Timings,
+    fence: Fence,
+    /// The Lease record last read, and when this agent first saw it so:
+    /// expiry is judged on this clock (see [`election`]).
+    seen: Option<(Record, Instant)>,
+}
+
+impl Election<'_> {
+    /// Reads the Lease and acts on it; `wanted` says whether this node
+    /// contends at all.
+    async fn turn(&mut self, wanted: bool) {
+        let read = self.listeners.leases.get_opt(&self.lease);
+        match tokio::time::timeout(self.timings.retry, read).await {
+            Ok(Ok(Some(lease))) => self.decide(lease, wanted).await,
+            Ok(Ok(None)) => {
+                // The operator creates the Lease; nothing to hold yet.
+                self.step_down().await;
+            }
+            Ok(Err(e)) => {
+                warn!(listener = %self.spec.name, error = %e, "reading the lease failed");
+                self.retry_unconfirmed().await;
+            }
+            Err(_) => {
+                warn!(listener = %self.spec.name, "reading the lease timed out");
+                self.retry_unconfirmed().await;
+            }
+        }
+    }
+
+    async fn decide(&mut self, lease: Lease, wanted: bool) {
+        let record = crate::lease::record_of(&lease);
+        let observed_at = match &self.seen {
+            Some((r, at)) if *r == record => *at,
+            _ => Instant::now(),
+        };
+        self.seen = Some((record.clone(), observed_at));
+        let me = self.listeners.me.as_str();
+        let mine = record.holder.as_deref() == Some(me);
+        if mine && self.fence.held.is_none() && self.fence.unconfirmed.is_none() {
+            // The Lease names this agent but this process does not hold
+            // it (the agent restarted, or a release failed): the server
+            // may still listen from before.
+            self.fence.unconfirmed = Some(record.transitions);
+            self.listeners.record(&self.spec.name, &self.fence);
+        }
+        if !wanted {
+            let disabled = self.step_down().await;
+            if mine && election::after_step_down(disabled) == AfterStepDown::Release {
+                crate::lease::release(
+                    &self.listeners.leases,
+                    lease,
+                    crate::agent::FIELD_MANAGER,
+                    &self.timings,
+                )
+                .await;
+            }
+            return;
+        }
+        match election::next(me, &record, observed_at, Instant::now()) {
+            Next::Wait => {
+                if self.fence.held.is_some() {
+                    info!(listener = %self.spec.name, holder = ?record.holder, "lost the lease");
+                }
+                self.step_down().await;
+            }
+            next => self.hold(lease, &record, next).await,
+        }
+    }
+
+    /// Takes or renews the Lease and, once written in time, tells the
+    /// server to listen (or that it may go on listening).
+    async fn hold(&mut self, lease: Lease, record: &Record, next: Next) {
+        // Every time this agent starts listening is a new epoch, also
+        // when the Lease still names it (after a step-down or a restart).
+        let newly = self.fence.held.is_none();
+        let epoch = if next == Next::Acquire || newly {
+            record.transitions + 1
+        } else {
+            record.transitions
+        };
+        let started = Instant::now();
+        let wall = SystemTime::now();
+        let written = crate::lease::write(
+            &self.listeners.leases,
+            lease,
+            crate::agent::FIELD_MANAGER,
+            &self.listeners.me,
+            epoch,
+            &self.timings,
+        )
+        .await;
+        if !written || election::must_step_down(started, Instant::now(), &self.timings) {
+            return;
+        }
+        let until = election::listen_until(wall, &self.timings);
+        // Listening under the new epoch supersedes an unconfirmed
+        // disable. Recorded before the call: the server may listen from
+        // the moment it is asked.
+        self.fence.unconfirmed = None;
+        self.fence.held = Some(Held {
+            epoch,
+            last_renew: started,
+        });
+        self.listeners.record(&self.spec.name, &self.fence);
+        let (path, hook) = if newly {
+            info!(listener = %self.spec.name, epoch, "holding the lease: enabling the listener");
+            (&self.listeners.paths.enable, "enable")
+        } else {
+            (&self.listeners.paths.renew, "renew")
+        };
+        if let Err(e) = self
+            .listeners
+            .call(path.as_deref(), self.spec, epoch, Some(until))
+            .await
+        {
+            warn!(listener = %self.spec.name, hook, error = %e, "listener hook failed");
+        }
+    }
+
+    async fn step_down(&mut self) -> Disable {
+        step_down(self.listeners, self.spec, &mut self.fence, &self.timings).await
+    }
+
+    /// While the API is away, an unconfirmed disable is still tried each
+    /// turn.
+    async fn retry_unconfirmed(&mut self) {
+        if self.fence.held.is_none() && self.fence.unconfirmed.is_some() {
+            self.step_down().await;
+        }
+    }
+
+    /// A retry period, but never past the renew deadline.
+    fn pause(&self) -> Duration {
+        let mut wait = self.timings.retry;
+        if let Some(h) = &self.fence.held {
+            let deadline = h.last_renew + self.timings.renew_deadline;
+            wait = wait.min(deadline.saturating_duration_since(Instant::now()));
+        }
+        wait
     }
 }
 
@@ -378,18 +451,21 @@ async fn step_down(
     fence: &mut Fence,
     timings: &Timings,
 ) -> Disable {
-    listeners.set_holding(&spec.name, false);
     let (epoch, deadline, holder) = match (fence.held.take(), fence.unconfirmed) {
         (Some(h), _) => (h.epoch, h.last_renew + timings.renew_deadline, true),
         (None, Some(epoch)) => (epoch, Instant::now(), false),
         (None, None) => return Disable::Confirmed,
     };
+    // No longer holding, and unconfirmed until the server answers.
+    fence.unconfirmed = Some(epoch);
+    listeners.record(&spec.name, fence);
     loop {
         let result = listeners
             .call(listeners.paths.disable.as_deref(), spec, epoch, None)
             .await;
         let Err(e) = result else {
             fence.unconfirmed = None;
+            listeners.record(&spec.name, fence);
             return Disable::Confirmed;
         };
         if let Some(pause) = election::retry_disable(Instant::now(), deadline, DISABLE_RETRY) {
@@ -403,20 +479,51 @@ async fn step_down(
         } else {
             debug!(listener = %spec.name, epoch, error = %e, "disabling failed again");
         }
-        fence.unconfirmed = Some(epoch);
         return Disable::Unconfirmed;
     }
 }
 
-/// While the API is away, an unconfirmed disable is still tried each turn.
-async fn retry_unconfirmed(
-    listeners: &Listeners,
-    spec: &ListenerSpec,
-    fence: &mut Fence,
-    timings: &Timings,
-) {
-    if fence.held.is_none() && fence.unconfirmed.is_some() {
-        step_down(listeners, spec, fence, timings).await;
+/// Steps down every listener the record says the server may still listen
+/// to: those of tasks that ended without stepping down (a panic, an
+/// abort), and disables never confirmed. As a task stepping down does, it
+/// disables the listener and, once the server confirmed, releases a Lease
+/// that still names this agent. The agent calls this after its listener
+/// tasks ended, whatever ended them.
+pub async fn step_down_left_over(listeners: &Listeners, specs: &[ListenerSpec]) {
+    let left = std::mem::take(&mut *listeners.fences());
+    for (name, mut fence) in left {
+        let Some(spec) = specs.iter().find(|s| s.name == name) else {
+            continue;
+        };
+        warn!(listener = %name, epoch = ?fence.held.as_ref().map(|h| h.epoch).or(fence.unconfirmed),
+            "the listener was not stepped down: disabling it");
+        let timings = timings(spec);
+        let disabled = step_down(listeners, spec, &mut fence, &timings).await;
+        if spec.mode == ListenerMode::SingleNode
+            && election::after_step_down(disabled) == AfterStepDown::Release
+        {
+            release_if_mine(listeners, spec, &timings).await;
+        }
+    }
+}
+
+async fn release_if_mine(listeners: &Listeners, spec: &ListenerSpec, timings: &Timings) {
+    let name = lease_name(&listeners.cluster, &spec.name);
+    match tokio::time::timeout(timings.retry, listeners.leases.get_opt(&name)).await {
+        Ok(Ok(Some(lease)))
+            if crate::lease::record_of(&lease).holder.as_deref() == Some(&listeners.me) =>
+        {
+            crate::lease::release(
+                &listeners.leases,
+                lease,
+                crate::agent::FIELD_MANAGER,
+                timings,
+            )
+            .await;
+        }
+        Ok(Ok(_)) => {}
+        Ok(Err(e)) => warn!(lease = %name, error = %e, "reading the lease failed"),
+        Err(_) => warn!(lease = %name, "reading the lease timed out"),
     }
 }
 

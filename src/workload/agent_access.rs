@@ -1,6 +1,6 @@
-//! What the in-pod agents may do: read and annotate their own cluster's
-//! server pods (by name), read and renew their listener Leases (by name)
-//! and publish Events. Nothing else.
+//! What the in-pod agents may do: read, watch and annotate their own
+//! cluster's server pods (by name), read and renew their listener Leases
+//! (by name) and publish Events. Nothing else.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -24,26 +24,29 @@ pub fn agent_account(ic: &IntegrationCluster) -> ServiceAccount {
 
 pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
     let pods: Vec<String> = cluster.members.iter().map(|m| m.name.clone()).collect();
-    let by_name = |group: &str, resource: &str, names: Vec<String>, verbs: [&str; 2]| {
+    let by_name = |group: &str, resource: &str, names: Vec<String>, verbs: &[&str]| {
         // RBAC reads an empty resourceNames as "every object": a rule
         // with no names to grant is left out instead.
         (!names.is_empty()).then(|| PolicyRule {
             api_groups: Some(vec![group.to_owned()]),
             resources: Some(vec![resource.to_owned()]),
             resource_names: Some(names),
-            verbs: verbs.map(str::to_owned).to_vec(),
+            verbs: verbs.iter().map(|v| (*v).to_owned()).collect(),
             ..PolicyRule::default()
         })
     };
     let rules = [
-        by_name("", "pods", pods, ["get", "patch"]),
+        // An agent watches its own pod. RBAC grants a list or watch by
+        // name only to a request that selects metadata.name=<that name>,
+        // so an agent can never list the namespace's pods.
+        by_name("", "pods", pods, &["get", "list", "watch", "patch"]),
         // Single-node listener Leases, by name: the operator creates them,
         // the agents only read and replace them.
         by_name(
             "coordination.k8s.io",
             "leases",
             listener_leases(ic),
-            ["get", "update"],
+            &["get", "update"],
         ),
         Some(PolicyRule {
             api_groups: Some(vec!["events.k8s.io".into()]),
@@ -124,6 +127,7 @@ mod tests {
             rules[0].resource_names.as_deref(),
             Some(&["c-0".to_owned(), "c-1".to_owned()][..])
         );
+        assert_eq!(rules[0].verbs, ["get", "list", "watch", "patch"]);
         assert_eq!(
             rules[1].resource_names.as_deref(),
             Some(&["c.listener.in".to_owned()][..])

@@ -513,6 +513,19 @@ impl Operator {
         extra: &[&str],
         kubeconfig: &PathBuf,
     ) -> Self {
+        Self::agent_every(namespace, pod, server, "200", extra, kubeconfig)
+    }
+
+    /// An agent that looks at its server every `interval_ms` (the
+    /// others: every 200 ms, to keep the tests quick).
+    pub fn agent_every(
+        namespace: &str,
+        pod: &str,
+        server: &str,
+        interval_ms: &str,
+        extra: &[&str],
+        kubeconfig: &PathBuf,
+    ) -> Self {
         let mut args = vec![
             "agent",
             "watch",
@@ -523,7 +536,7 @@ impl Operator {
             "--server",
             server,
             "--interval-ms",
-            "200",
+            interval_ms,
         ];
         args.extend_from_slice(extra);
         Self::spawn(&format!("agent-{namespace}-{pod}"), &args, kubeconfig)
@@ -549,6 +562,13 @@ impl Operator {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         false
+    }
+
+    /// Where the log of the agent of `pod` in `namespace` goes.
+    pub fn agent_log(namespace: &str, pod: &str) -> PathBuf {
+        state_dir()
+            .join("logs")
+            .join(format!("agent-{namespace}-{pod}.log"))
     }
 
     fn spawn(log_name: &str, args: &[&str], kubeconfig: &PathBuf) -> Self {
