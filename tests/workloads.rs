@@ -182,7 +182,7 @@ async fn each_profile_comes_up_ready_with_all_its_objects() {
             .await
             .expect("agent role");
         let pod_rule = &role.rules.expect("rules")[0];
-        assert_eq!(pod_rule.verbs, ["get", "patch"]);
+        assert_eq!(pod_rule.verbs, ["get", "list", "watch", "patch"]);
         assert_eq!(
             pod_rule.resource_names.as_ref().map(Vec::len),
             Some(usize::try_from(replicas).unwrap_or_default())

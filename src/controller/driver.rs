@@ -48,11 +48,16 @@ pub async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result
     let result = tokio::time::timeout(RECONCILE_DEADLINE, by_stage(&api, &ic, &ctx))
         .await
         .unwrap_or(Err(Error::Deadline(RECONCILE_DEADLINE)));
-    record_outcome(&ctx, &ic, result.is_ok());
+    let conflict = result.as_ref().is_err_and(Error::is_conflict);
+    if !conflict {
+        record_outcome(&ctx, &ic, result.is_ok());
+    }
     let category = result.as_ref().err().map(Error::category);
     ctx.metrics
         .reconciled(started.elapsed().as_secs_f64(), category.as_deref());
-    if let Err(e) = &result {
+    if let Err(e) = &result
+        && !conflict
+    {
         report_error(&ctx, &ic, e).await;
     }
     result
@@ -456,6 +461,9 @@ async fn report_error(ctx: &Context, ic: &IntegrationCluster, error: &Error) {
 }
 
 pub fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    if error.is_conflict() {
+        return Action::requeue(Duration::from_secs(1));
+    }
     let failures = ctx
         .failures
         .lock()

@@ -100,6 +100,23 @@ impl Error {
         }
     }
 
+    /// Another writer changed the object between our read and our write
+    /// (a 409 on a write carrying the resourceVersion): the next attempt
+    /// reads it again and goes through, so it is neither backed off nor
+    /// reported.
+    pub fn is_conflict(&self) -> bool {
+        matches!(
+            self,
+            Error::In {
+                failure: Failure::Write {
+                    source: kube::Error::Api(status),
+                    ..
+                },
+                ..
+            } if status.code == 409
+        )
+    }
+
     pub fn step(&self) -> Option<Step> {
         match self {
             Error::In { step, .. } => Some(*step),
@@ -156,5 +173,28 @@ mod tests {
             error.to_string(),
             "create pod q-0: pods \"q-0\" is forbidden (Forbidden)"
         );
+    }
+
+    #[test]
+    fn only_a_write_conflict_is_a_conflict() {
+        let api = |code| {
+            kube::Error::Api(Box::new(kube::core::Status {
+                code,
+                ..kube::core::Status::default()
+            }))
+        };
+        let write = |code| Failure::Write {
+            kind: "IntegrationCluster".into(),
+            what: "remove the finalizer".into(),
+            source: api(code),
+        };
+        assert!(at(Step::Finalizer)(write(409)).is_conflict());
+        assert!(!at(Step::Finalizer)(write(403)).is_conflict());
+        let read = Failure::Read {
+            kind: "Secret".into(),
+            what: "Secret s".into(),
+            source: api(409),
+        };
+        assert!(!at(Step::Dereference)(read).is_conflict());
     }
 }
