@@ -623,7 +623,13 @@ fn package_source_volumes(ic: &IntegrationCluster) -> Vec<(Volume, VolumeMount)>
     let mut sources: Vec<(Volume, VolumeMount)> = Vec::new();
     for package in &ic.spec.packages {
         for (volume, mount) in package_source_volume(&package.source) {
-            if !sources.iter().any(|(v, _)| v.name == volume.name) {
+            // Two image references that agent::init maps to one directory
+            // cannot both be mounted there; the first stays, and the
+            // other's package fails its checksum at install time.
+            if !sources
+                .iter()
+                .any(|(_, m)| m.mount_path == mount.mount_path)
+            {
                 sources.push((volume, mount));
             }
         }
@@ -634,7 +640,7 @@ fn package_source_volumes(ic: &IntegrationCluster) -> Vec<(Volume, VolumeMount)>
 fn package_source_volume(source: &PackageSource) -> Vec<(Volume, VolumeMount)> {
     let mut volumes = Vec::new();
     if let Some(cm) = &source.config_map {
-        let name = format!("pkg-cm-{}", cm.name);
+        let name = source_volume_name("pkg-cm", &cm.name, &cm.name);
         let volume = Volume {
             name: name.clone(),
             config_map: Some(ConfigMapVolumeSource {
@@ -649,9 +655,7 @@ fn package_source_volume(source: &PackageSource) -> Vec<(Volume, VolumeMount)> {
     if let Some(image) = &source.image {
         let reference = image.split_once("//").map_or(image.as_str(), |(r, _)| r);
         let dir = init::image_mount_name(reference);
-        let name = format!("pkg-img-{}", dir.chars().take(40).collect::<String>())
-            .trim_end_matches('-')
-            .to_owned();
+        let name = source_volume_name("pkg-img", &dir, reference);
         let volume = Volume {
             name: name.clone(),
             image: Some(ImageVolumeSource {
@@ -664,6 +668,31 @@ fn package_source_volume(source: &PackageSource) -> Vec<(Volume, VolumeMount)> {
         volumes.push((volume, mount(&name, &path)));
     }
     volumes
+}
+
+/// A volume name for the package source `key`: a DNS label, as the API
+/// server requires, though ConfigMap names may hold dots and be 253
+/// characters long; readable from its start and unique by its digest,
+/// since cutting `readable` short can make two sources' names equal (two
+/// tags of one image did).
+fn source_volume_name(prefix: &str, readable: &str, key: &str) -> String {
+    let readable: String = readable
+        .chars()
+        .take(30)
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '-'
+            }
+        })
+        .collect();
+    let digest = render::text_digest(key);
+    format!(
+        "{prefix}-{}-{}",
+        readable.trim_matches('-'),
+        &digest[..digest.len().min(10)]
+    )
 }
 
 /// The volume the kubelet's automount would give every container, given
@@ -1111,6 +1140,119 @@ mod tests {
             rendered.node_digests, unscheduled.node_digests,
             "moving the pods elsewhere replaces them"
         );
+    }
+
+    /// Every package source is mounted where install-packages reads it
+    /// (`agent::init`), under a volume name the API server accepts (a DNS
+    /// label), one volume per source.
+    #[test]
+    fn every_package_source_is_mounted_where_install_packages_reads_it() {
+        let mut ic = sample("webmethods-is-stateful.yaml");
+        let package = |name: &str, source: crate::api::PackageSource| crate::api::PackageSpec {
+            name: name.into(),
+            version: "1".into(),
+            source,
+            sha256: "0".repeat(64),
+        };
+        let image = |reference: &str| crate::api::PackageSource {
+            image: Some(reference.into()),
+            url: None,
+            config_map: None,
+        };
+        let config_map = |name: &str| crate::api::PackageSource {
+            image: None,
+            url: None,
+            config_map: Some(crate::api::ConfigMapKeyRef {
+                name: name.into(),
+                key: "p.zip".into(),
+            }),
+        };
+        // Two tags of one repository, and ConfigMap names that are DNS
+        // subdomains (dots, up to 253 characters), not labels.
+        let long = format!("packages.{}", "x".repeat(80));
+        ic.spec.packages = vec![
+            package(
+                "A",
+                image("registry.example.com/webmethods/packages:10.15//A.zip"),
+            ),
+            package(
+                "B",
+                image("registry.example.com/webmethods/packages:10.16//B.zip"),
+            ),
+            package(
+                "C",
+                image("registry.example.com/webmethods/packages:10.16//C.zip"),
+            ),
+            package("D", config_map("packages.v1")),
+            package("E", config_map(&long)),
+        ];
+        let cluster = validation::validate(&ic, &[]).expect("valid");
+        let rendered = render::render(&ic, &cluster, &Default::default());
+        let spec = pod(&ic, &rendered, &cluster.members[0], AGENT_IMAGE)
+            .spec
+            .expect("spec");
+        let volumes = spec.volumes.clone().unwrap_or_default();
+        let install = &spec.init_containers.as_ref().expect("init")[0];
+        let mounted = |path: String| {
+            let mount = install
+                .volume_mounts
+                .iter()
+                .flatten()
+                .find(|m| m.mount_path == path)
+                .unwrap_or_else(|| panic!("nothing mounted at {path}"));
+            volumes
+                .iter()
+                .find(|v| v.name == mount.name)
+                .unwrap_or_else(|| panic!("no volume {}", mount.name))
+                .clone()
+        };
+        for reference in [
+            "registry.example.com/webmethods/packages:10.15",
+            "registry.example.com/webmethods/packages:10.16",
+        ] {
+            let path = format!(
+                "{}/{}",
+                init::IMAGE_SOURCES,
+                init::image_mount_name(reference)
+            );
+            let volume = mounted(path);
+            assert_eq!(
+                volume.image.and_then(|i| i.reference).as_deref(),
+                Some(reference)
+            );
+        }
+        for name in ["packages.v1", long.as_str()] {
+            let volume = mounted(format!("{}/{name}", init::CONFIG_MAP_SOURCES));
+            assert_eq!(volume.config_map.map(|c| c.name).as_deref(), Some(name));
+        }
+        let sources: Vec<&str> = install
+            .volume_mounts
+            .iter()
+            .flatten()
+            .filter(|m| {
+                m.mount_path.starts_with(init::IMAGE_SOURCES)
+                    || m.mount_path.starts_with(init::CONFIG_MAP_SOURCES)
+            })
+            .map(|m| m.name.as_str())
+            .collect();
+        assert_eq!(sources.len(), 4, "one volume per source: {sources:?}");
+        assert_eq!(
+            sources
+                .iter()
+                .collect::<std::collections::BTreeSet<_>>()
+                .len(),
+            4,
+            "{sources:?}"
+        );
+        for name in sources {
+            let label = name.len() <= 63
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !name.starts_with('-')
+                && !name.ends_with('-');
+            assert!(label, "{name} is not a DNS label");
+        }
     }
 
     #[test]
