@@ -87,83 +87,15 @@ pub fn validate(
 ) -> Result<ValidatedCluster, Vec<Problem>> {
     let name = cluster.metadata.name.as_deref().unwrap_or_default();
     let namespace = cluster.metadata.namespace.as_deref().unwrap_or_default();
-    let spec = &cluster.spec;
-    let cluster_name = naming::cluster_name(spec.cluster_name.as_deref(), name, namespace);
-    let mut problems = Vec::new();
+    let cluster_name = naming::cluster_name(cluster.spec.cluster_name.as_deref(), name, namespace);
+    let known = KnownNodes::of(cluster);
+    let members = members(cluster, &cluster_name);
 
-    let ordinals = known_ordinals(cluster);
-    let is_member =
-        |node: &str| naming::node_ordinal(name, node).is_some_and(|o| ordinals.contains(&o));
-    let member_list = || {
-        ordinals
-            .iter()
-            .map(|o| naming::node_name(name, *o))
-            .collect::<Vec<_>>()
-            .join(", ")
-    };
-
-    if let Some(nodes) = &spec.nodes {
-        for (list, entries) in [("offline", &nodes.offline), ("remove", &nodes.remove)] {
-            for node in entries.iter().filter(|n| !is_member(n)) {
-                problems.push(Problem::UnknownNode {
-                    list,
-                    node: node.clone(),
-                    members: member_list(),
-                });
-            }
-        }
-    }
-
-    for (node, hostname) in &spec.server.logical_hostnames {
-        if !is_member(node) {
-            problems.push(Problem::LogicalHostnameForUnknownNode { node: node.clone() });
-        }
-        if hostname.contains(';') {
-            problems.push(Problem::LogicalHostnameHasSemicolon { node: node.clone() });
-        }
-    }
-
-    if spec.profile == Profile::WebmethodsIs {
-        for key in spec.server.properties.keys() {
-            let setting = key.strip_prefix("settings.").unwrap_or(key);
-            if webmethods_is::RESERVED.contains(&setting) {
-                problems.push(Problem::ReservedProperty { key: key.clone() });
-            }
-        }
-    }
-
-    let replicas = u32::try_from(spec.replicas).unwrap_or(0);
-    let members: Vec<Member> = (0..replicas)
-        .map(|ordinal| {
-            let node = naming::node_name(name, ordinal);
-            let logical_hostname = spec
-                .server
-                .logical_hostnames
-                .get(&node)
-                .cloned()
-                .unwrap_or_else(|| naming::default_logical_hostname(&cluster_name, ordinal));
-            Member {
-                name: node,
-                ordinal,
-                logical_hostname,
-            }
-        })
-        .collect();
-
-    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
-    for member in &members {
-        if let Some(first) = owners.insert(&member.logical_hostname, &member.name) {
-            problems.push(Problem::DuplicateLogicalHostname {
-                first: first.to_owned(),
-                second: member.name.clone(),
-                hostname: member.logical_hostname.clone(),
-            });
-        }
-    }
-
-    if let Some(conflict) = cluster_name_conflict(cluster, &cluster_name, others) {
-        problems.push(conflict);
-    }
+    let mut problems = unknown_nodes(cluster, &known);
+    problems.extend(logical_hostname_problems(cluster, &known));
+    problems.extend(reserved_properties(cluster));
+    problems.extend(duplicate_logical_hostnames(&members));
+    problems.extend(cluster_name_conflict(cluster, &cluster_name, others));
 
     if problems.is_empty() {
         Ok(ValidatedCluster {
@@ -175,21 +107,134 @@ pub fn validate(
     }
 }
 
-/// Ordinals of the nodes a spec may name: the members 0..replicas plus any
-/// node status still tracks (a leaving or removed node).
-fn known_ordinals(cluster: &IntegrationCluster) -> BTreeSet<u32> {
-    let name = cluster.metadata.name.as_deref().unwrap_or_default();
-    let replicas = u32::try_from(cluster.spec.replicas).unwrap_or(0);
-    let mut ordinals: BTreeSet<u32> = (0..replicas).collect();
-    if let Some(status) = &cluster.status {
-        ordinals.extend(
-            status
-                .nodes
-                .iter()
-                .filter_map(|n| naming::node_ordinal(name, &n.name)),
-        );
+/// The nodes a spec may name: the members 0..replicas plus any node status
+/// still tracks (a leaving or removed node).
+struct KnownNodes<'a> {
+    cluster: &'a str,
+    ordinals: BTreeSet<u32>,
+}
+
+impl<'a> KnownNodes<'a> {
+    fn of(cluster: &'a IntegrationCluster) -> Self {
+        let name = cluster.metadata.name.as_deref().unwrap_or_default();
+        let replicas = u32::try_from(cluster.spec.replicas).unwrap_or(0);
+        let mut ordinals: BTreeSet<u32> = (0..replicas).collect();
+        if let Some(status) = &cluster.status {
+            ordinals.extend(
+                status
+                    .nodes
+                    .iter()
+                    .filter_map(|n| naming::node_ordinal(name, &n.name)),
+            );
+        }
+        KnownNodes {
+            cluster: name,
+            ordinals,
+        }
     }
-    ordinals
+
+    fn contains(&self, node: &str) -> bool {
+        naming::node_ordinal(self.cluster, node).is_some_and(|o| self.ordinals.contains(&o))
+    }
+
+    /// For a person: the node names, comma-separated.
+    fn list(&self) -> String {
+        self.ordinals
+            .iter()
+            .map(|o| naming::node_name(self.cluster, *o))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
+/// The members 0..replicas, each with its logical host name: the spec's
+/// override or the one derived from the cluster name.
+fn members(cluster: &IntegrationCluster, cluster_name: &str) -> Vec<Member> {
+    let name = cluster.metadata.name.as_deref().unwrap_or_default();
+    let spec = &cluster.spec;
+    let replicas = u32::try_from(spec.replicas).unwrap_or(0);
+    (0..replicas)
+        .map(|ordinal| {
+            let node = naming::node_name(name, ordinal);
+            let logical_hostname = spec
+                .server
+                .logical_hostnames
+                .get(&node)
+                .cloned()
+                .unwrap_or_else(|| naming::default_logical_hostname(cluster_name, ordinal));
+            Member {
+                name: node,
+                ordinal,
+                logical_hostname,
+            }
+        })
+        .collect()
+}
+
+/// `spec.nodes` may take only nodes of this cluster offline or remove them.
+fn unknown_nodes(cluster: &IntegrationCluster, known: &KnownNodes) -> Vec<Problem> {
+    let Some(nodes) = &cluster.spec.nodes else {
+        return Vec::new();
+    };
+    let mut problems = Vec::new();
+    for (list, entries) in [("offline", &nodes.offline), ("remove", &nodes.remove)] {
+        for node in entries.iter().filter(|n| !known.contains(n)) {
+            problems.push(Problem::UnknownNode {
+                list,
+                node: node.clone(),
+                members: known.list(),
+            });
+        }
+    }
+    problems
+}
+
+/// Overrides name nodes of this cluster, and the product's scheduler does
+/// not accept `;` in a logical host name.
+fn logical_hostname_problems(cluster: &IntegrationCluster, known: &KnownNodes) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    for (node, hostname) in &cluster.spec.server.logical_hostnames {
+        if !known.contains(node) {
+            problems.push(Problem::LogicalHostnameForUnknownNode { node: node.clone() });
+        }
+        if hostname.contains(';') {
+            problems.push(Problem::LogicalHostnameHasSemicolon { node: node.clone() });
+        }
+    }
+    problems
+}
+
+/// webMethods settings the operator derives from the spec.
+fn reserved_properties(cluster: &IntegrationCluster) -> Vec<Problem> {
+    let spec = &cluster.spec;
+    if spec.profile != Profile::WebmethodsIs {
+        return Vec::new();
+    }
+    spec.server
+        .properties
+        .keys()
+        .filter(|key| {
+            let setting = key.strip_prefix("settings.").unwrap_or(key);
+            webmethods_is::RESERVED.contains(&setting)
+        })
+        .map(|key| Problem::ReservedProperty { key: key.clone() })
+        .collect()
+}
+
+/// The scheduler needs a logical host name of its own on every server.
+fn duplicate_logical_hostnames(members: &[Member]) -> Vec<Problem> {
+    let mut problems = Vec::new();
+    let mut owners: BTreeMap<&str, &str> = BTreeMap::new();
+    for member in members {
+        if let Some(first) = owners.insert(&member.logical_hostname, &member.name) {
+            problems.push(Problem::DuplicateLogicalHostname {
+                first: first.to_owned(),
+                second: member.name.clone(),
+                hostname: member.logical_hostname.clone(),
+            });
+        }
+    }
+    problems
 }
 
 /// External cache URLs of a stateful cluster, the only way two clusters can

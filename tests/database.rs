@@ -483,16 +483,7 @@ async fn retain_keeps_the_database_and_delete_drops_it() {
             .expect("delete");
     }
     for name in ["keep", "drop"] {
-        wait_until(WAIT, &format!("{name} gone"), || async {
-            b.api
-                .get_opt(name)
-                .await
-                .ok()
-                .flatten()
-                .is_none()
-                .then_some(())
-        })
-        .await;
+        gone(&b.api, name, WAIT).await;
     }
     assert_eq!(
         database_exists(&keep).await,
@@ -1115,20 +1106,7 @@ async fn a_database_the_operator_did_not_create_is_never_altered_or_dropped() {
     event_with(&b.client, &b.ns, "DatabaseNotOwned", &name).await;
 
     // deletionPolicy Delete drops only what the cluster owns: nothing here.
-    b.api
-        .delete("squat", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_until(WAIT, "squat gone", || async {
-        b.api
-            .get_opt("squat")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    delete_until_gone(&b.api, "squat", &DeleteParams::default(), WAIT).await;
     assert_eq!(database_exists(&name).await, (true, true));
     squatter_intact(&name, password).await;
     let left = events(&b.client, &b.ns)
@@ -1226,20 +1204,7 @@ async fn a_cluster_keeps_the_database_it_already_has() {
         .expect("again");
     let first = provisioned(&b.api, "again").await;
     let name = first.database.and_then(|d| d.database).expect("name");
-    b.api
-        .delete("again", &DeleteParams::default())
-        .await
-        .expect("delete");
-    wait_until(WAIT, "again gone", || async {
-        b.api
-            .get_opt("again")
-            .await
-            .ok()
-            .flatten()
-            .is_none()
-            .then_some(())
-    })
-    .await;
+    delete_until_gone(&b.api, "again", &DeleteParams::default(), WAIT).await;
     create_yaml(&b.client, &b.ns, &cluster("again", "db-admin", 1, ""))
         .await
         .expect("again, again");

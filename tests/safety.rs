@@ -6,7 +6,7 @@
 
 mod support;
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use integration_operator::api::{IntegrationCluster, IntegrationClusterStatus};
 use k8s_openapi::api::core::v1::{Namespace, PersistentVolumeClaim, ResourceQuota, Secret};
@@ -52,38 +52,6 @@ fn degraded_message(status: &IntegrationClusterStatus) -> Option<&str> {
         .iter()
         .find(|c| c.type_ == "Degraded" && c.status == "True")
         .map(|c| c.message.as_str())
-}
-
-async fn gone<F, Fut>(what: &str, within: Duration, mut exists: F) -> Duration
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let started = Instant::now();
-    while exists().await {
-        assert!(
-            started.elapsed() < within,
-            "{what} still exists after {within:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    started.elapsed()
-}
-
-async fn namespace_gone(client: &Client, ns: &str, within: Duration) -> Duration {
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    namespaces
-        .delete(ns, &DeleteParams::background())
-        .await
-        .expect("delete namespace");
-    gone(&format!("namespace {ns}"), within, || async {
-        namespaces
-            .get_opt(ns)
-            .await
-            .expect("read namespace")
-            .is_some()
-    })
-    .await
 }
 
 /// A ResourceQuota that forbids pods makes every pod create fail. The
@@ -185,7 +153,8 @@ async fn deleting_a_namespace_finishes_when_the_database_is_unreachable() {
         secrets.get_opt("man-database-admin").await.ok().flatten()
     })
     .await;
-    let took = namespace_gone(&client, &ns, WAIT).await;
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let took = delete_until_gone(&namespaces, &ns, &DeleteParams::background(), WAIT).await;
     // From the moment the namespace controller deleted the clusters, their
     // cleanup runs: it must not try to create anything (before that, a
     // live cluster's reconcile may still try, and is refused).
@@ -253,14 +222,8 @@ async fn deleting_a_cluster_with_an_unreachable_database_is_bounded_or_waived() 
             .await
             .expect("delete cluster");
     }
-    let waived = gone("cluster waived", Duration::from_secs(15), || async {
-        api.get_opt("waived").await.expect("read").is_some()
-    })
-    .await;
-    let bounded = gone("cluster bounded", Duration::from_secs(90), || async {
-        api.get_opt("bounded").await.expect("read").is_some()
-    })
-    .await;
+    let waived = gone(&api, "waived", Duration::from_secs(15)).await;
+    let bounded = gone(&api, "bounded", Duration::from_secs(90)).await;
     println!("waived cleanup finished in {waived:?}, unreachable database in {bounded:?}");
     for (reason, cluster) in [
         ("CleanupWaived", "waived"),
@@ -312,13 +275,7 @@ async fn retained_data_survives_foreground_deletion() {
         s.phase == Some(integration_operator::api::Phase::Ready)
     })
     .await;
-    api.delete("keep", &DeleteParams::foreground())
-        .await
-        .expect("delete in the foreground");
-    gone("cluster keep", WAIT, || async {
-        api.get_opt("keep").await.expect("read").is_some()
-    })
-    .await;
+    delete_until_gone(&api, "keep", &DeleteParams::foreground(), WAIT).await;
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &ns);
     for claim in ["data-keep-0", "data-keep-1"] {
         let claim = claims

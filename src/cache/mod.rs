@@ -188,8 +188,70 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
     let m = managed(ic)?;
     let config = tc_config(ic)?;
     let name = naming::cache_service(m.cluster);
+    Some(StatefulSet {
+        metadata: owned_meta(ic, name.clone(), COMPONENT),
+        spec: Some(StatefulSetSpec {
+            replicas: i32::try_from(m.replicas).ok(),
+            selector: LabelSelector {
+                match_labels: Some(component_selector(ic, COMPONENT)),
+                ..LabelSelector::default()
+            },
+            service_name: Some(name),
+            // All servers start together: a mirror group elects its active
+            // among the servers that are up, and none is ready before that.
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: None,
+            }),
+            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
+            template: pod_template(ic, &m, &config),
+            volume_claim_templates: Some(vec![claim_template(ic, COMPONENT, m.storage)]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    })
+}
 
-    let container = Container {
+/// The cache server pod, stamped with the digest of `config`.
+fn pod_template(ic: &IntegrationCluster, m: &Managed, config: &str) -> PodTemplateSpec {
+    let mut pod = PodSpec {
+        containers: vec![server_container(m)],
+        volumes: Some(vec![config_volume(m)]),
+        // The TSA never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        security_context: Some(restricted_pod(Some(USER))),
+        // Active and mirror on different nodes where possible, so one
+        // node failure does not take the whole array.
+        topology_spread_constraints: Some(vec![TopologySpreadConstraint {
+            max_skew: 1,
+            topology_key: "kubernetes.io/hostname".to_owned(),
+            when_unsatisfiable: "ScheduleAnyway".to_owned(),
+            label_selector: Some(LabelSelector {
+                match_labels: Some(component_selector(ic, COMPONENT)),
+                ..LabelSelector::default()
+            }),
+            ..TopologySpreadConstraint::default()
+        }]),
+        ..PodSpec::default()
+    };
+    schedule(ic, &mut pod);
+    PodTemplateSpec {
+        metadata: Some(ObjectMeta {
+            labels: Some(component_labels(ic, COMPONENT)),
+            annotations: Some(BTreeMap::from([(
+                keys::CONFIG_DIGEST.to_owned(),
+                render::text_digest(config),
+            )])),
+            ..ObjectMeta::default()
+        }),
+        spec: Some(pod),
+    }
+}
+
+/// One Terracotta server, named after its pod in tc-config.xml.
+fn server_container(m: &Managed) -> Container {
+    Container {
         name: "terracotta".to_owned(),
         image: Some(m.image.to_owned()),
         command: Some(vec![
@@ -216,18 +278,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             container_port("tsa-group", TSA_GROUP_PORT),
             container_port("management", MANAGEMENT_PORT),
         ]),
-        // The group port, not the client port: a mirror takes no clients
-        // until it becomes active, yet it is as ready as the active.
-        readiness_probe: Some(Probe {
-            tcp_socket: Some(TCPSocketAction {
-                port: IntOrString::String("tsa-group".to_owned()),
-                host: None,
-            }),
-            period_seconds: Some(10),
-            failure_threshold: Some(3),
-            timeout_seconds: Some(5),
-            ..Probe::default()
-        }),
+        readiness_probe: Some(readiness_probe()),
         volume_mounts: Some(vec![
             VolumeMount {
                 name: "config".to_owned(),
@@ -243,11 +294,28 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
         ]),
         security_context: Some(restricted_container()),
         ..Container::default()
-    };
+    }
+}
 
-    // One directory holding both files, as the image expects; the licence
-    // stays in its Secret and is never read by the operator.
-    let config_volume = Volume {
+/// The group port, not the client port: a mirror takes no clients until it
+/// becomes active, yet it is as ready as the active.
+fn readiness_probe() -> Probe {
+    Probe {
+        tcp_socket: Some(TCPSocketAction {
+            port: IntOrString::String("tsa-group".to_owned()),
+            host: None,
+        }),
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
+}
+
+/// One directory holding both files, as the image expects; the licence
+/// stays in its Secret and is never read by the operator.
+fn config_volume(m: &Managed) -> Volume {
+    Volume {
         name: "config".to_owned(),
         projected: Some(ProjectedVolumeSource {
             sources: Some(vec![
@@ -279,67 +347,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             default_mode: None,
         }),
         ..Volume::default()
-    };
-
-    let claim = claim_template(ic, COMPONENT, m.storage);
-
-    let mut template = PodTemplateSpec {
-        metadata: Some(ObjectMeta {
-            labels: Some(component_labels(ic, COMPONENT)),
-            annotations: Some(BTreeMap::from([(
-                keys::CONFIG_DIGEST.to_owned(),
-                render::text_digest(&config),
-            )])),
-            ..ObjectMeta::default()
-        }),
-        spec: Some(PodSpec {
-            containers: vec![container],
-            volumes: Some(vec![config_volume]),
-            // The TSA never talks to the Kubernetes API.
-            automount_service_account_token: Some(false),
-            security_context: Some(restricted_pod(Some(USER))),
-            // Active and mirror on different nodes where possible, so one
-            // node failure does not take the whole array.
-            topology_spread_constraints: Some(vec![TopologySpreadConstraint {
-                max_skew: 1,
-                topology_key: "kubernetes.io/hostname".to_owned(),
-                when_unsatisfiable: "ScheduleAnyway".to_owned(),
-                label_selector: Some(LabelSelector {
-                    match_labels: Some(component_selector(ic, COMPONENT)),
-                    ..LabelSelector::default()
-                }),
-                ..TopologySpreadConstraint::default()
-            }]),
-            ..PodSpec::default()
-        }),
-    };
-    if let Some(pod) = template.spec.as_mut() {
-        schedule(ic, pod);
     }
-
-    Some(StatefulSet {
-        metadata: owned_meta(ic, name.clone(), COMPONENT),
-        spec: Some(StatefulSetSpec {
-            replicas: i32::try_from(m.replicas).ok(),
-            selector: LabelSelector {
-                match_labels: Some(component_selector(ic, COMPONENT)),
-                ..LabelSelector::default()
-            },
-            service_name: Some(name),
-            // All servers start together: a mirror group elects its active
-            // among the servers that are up, and none is ready before that.
-            pod_management_policy: Some("Parallel".to_owned()),
-            update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: None,
-            }),
-            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
-            template,
-            volume_claim_templates: Some(vec![claim]),
-            ..StatefulSetSpec::default()
-        }),
-        status: None,
-    })
 }
 
 #[cfg(test)]

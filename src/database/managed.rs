@@ -122,8 +122,45 @@ pub fn admin_host(ic: &IntegrationCluster) -> Option<String> {
 pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
     let m = managed(ic)?;
     let name = naming::database_service(m.cluster);
+    let mut pod = PodSpec {
+        containers: vec![postgres_container(&m)],
+        // PostgreSQL never talks to the Kubernetes API.
+        automount_service_account_token: Some(false),
+        security_context: Some(restricted_pod(Some(USER))),
+        ..PodSpec::default()
+    };
+    schedule(ic, &mut pod);
+    Some(StatefulSet {
+        metadata: owned_meta(ic, name.clone(), COMPONENT),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(1),
+            selector: LabelSelector {
+                match_labels: Some(component_selector(ic, COMPONENT)),
+                ..LabelSelector::default()
+            },
+            service_name: Some(name),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("RollingUpdate".to_owned()),
+                rolling_update: None,
+            }),
+            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(component_labels(ic, COMPONENT)),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![claim_template(ic, COMPONENT, m.storage)]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    })
+}
 
-    let container = Container {
+/// The server, with the superuser's password from the admin Secret.
+fn postgres_container(m: &Managed) -> Container {
+    Container {
         name: "postgres".to_owned(),
         image: Some(m.image.to_owned()),
         env: Some(vec![
@@ -146,21 +183,7 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
             },
         ]),
         ports: Some(vec![container_port("postgres", PORT)]),
-        // Over TCP: during initialisation the image runs a temporary server
-        // on the Unix socket only, which must not count as ready.
-        readiness_probe: Some(Probe {
-            exec: Some(ExecAction {
-                command: Some(
-                    ["pg_isready", "-U", ADMIN_USER, "-h", "127.0.0.1"]
-                        .map(str::to_owned)
-                        .to_vec(),
-                ),
-            }),
-            period_seconds: Some(10),
-            failure_threshold: Some(3),
-            timeout_seconds: Some(5),
-            ..Probe::default()
-        }),
+        readiness_probe: Some(readiness_probe()),
         volume_mounts: Some(vec![VolumeMount {
             name: "data".to_owned(),
             mount_path: DATA_DIR.to_owned(),
@@ -168,44 +191,25 @@ pub fn stateful_set(ic: &IntegrationCluster) -> Option<StatefulSet> {
         }]),
         security_context: Some(restricted_container()),
         ..Container::default()
-    };
+    }
+}
 
-    let claim = claim_template(ic, COMPONENT, m.storage);
-    let mut pod = PodSpec {
-        containers: vec![container],
-        // PostgreSQL never talks to the Kubernetes API.
-        automount_service_account_token: Some(false),
-        security_context: Some(restricted_pod(Some(USER))),
-        ..PodSpec::default()
-    };
-    schedule(ic, &mut pod);
-
-    Some(StatefulSet {
-        metadata: owned_meta(ic, name.clone(), COMPONENT),
-        spec: Some(StatefulSetSpec {
-            replicas: Some(1),
-            selector: LabelSelector {
-                match_labels: Some(component_selector(ic, COMPONENT)),
-                ..LabelSelector::default()
-            },
-            service_name: Some(name),
-            update_strategy: Some(StatefulSetUpdateStrategy {
-                type_: Some("RollingUpdate".to_owned()),
-                rolling_update: None,
-            }),
-            persistent_volume_claim_retention_policy: Some(claim_retention(ic)),
-            template: PodTemplateSpec {
-                metadata: Some(ObjectMeta {
-                    labels: Some(component_labels(ic, COMPONENT)),
-                    ..ObjectMeta::default()
-                }),
-                spec: Some(pod),
-            },
-            volume_claim_templates: Some(vec![claim]),
-            ..StatefulSetSpec::default()
+/// Over TCP: during initialisation the image runs a temporary server on the
+/// Unix socket only, which must not count as ready.
+fn readiness_probe() -> Probe {
+    Probe {
+        exec: Some(ExecAction {
+            command: Some(
+                ["pg_isready", "-U", ADMIN_USER, "-h", "127.0.0.1"]
+                    .map(str::to_owned)
+                    .to_vec(),
+            ),
         }),
-        status: None,
-    })
+        period_seconds: Some(10),
+        failure_threshold: Some(3),
+        timeout_seconds: Some(5),
+        ..Probe::default()
+    }
 }
 
 #[cfg(test)]

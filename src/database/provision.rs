@@ -201,6 +201,8 @@ async fn execute(conn: &mut PgConnection, address: &str, sql: String) -> Result<
         .map_err(|e| DbError::from_sqlx(address, &e))
 }
 
+/// The cluster's role and database, created, or adopted when they are
+/// provably the cluster's, and closed to every other role.
 async fn ensure_role_and_database(
     conn: &mut PgConnection,
     admin: &Admin,
@@ -215,100 +217,162 @@ async fn ensure_role_and_database(
     let database = &endpoint.database;
     let marker = literal(&owner.marker());
     let (found_role, found_database) = inspect(conn, address, owner, database).await?;
+    refuse_foreign_markers(address, database, &found_role, &found_database)?;
 
-    // Foreign markers are never overruled.
-    let mut refused = Vec::new();
-    for (kind, found) in [("role", &found_role), ("database", &found_database)] {
-        if let Some(Found {
-            claim: claim @ (Claim::OtherCluster | Claim::Foreign),
-            ..
-        }) = found
-        {
-            refused.push(not_owned(kind, database, *claim, false));
-        }
-    }
-    if !refused.is_empty() {
-        return Err(not_owned_error(address, &refused));
-    }
-    // An unmarked or inherited role is adopted only on proof.
+    // Whether the role exists and is the cluster's, by its marker or now
+    // by proof.
     let mut role_ours = false;
     if let Some(found) = &found_role {
-        role_ours = found.claim == Claim::Ours;
-        if !role_ours {
+        if found.claim != Claim::Ours {
             let opens = if found_database.is_some() {
                 database.as_str()
             } else {
                 "postgres"
             };
-            if !credentials_open(admin, login, opens).await? {
-                return Err(not_owned_error(
-                    address,
-                    &[not_owned("role", role, found.claim, true)],
-                ));
-            }
-            execute(
-                conn,
-                address,
-                format!("COMMENT ON ROLE {} IS {marker}", ident(role)),
-            )
-            .await?;
+            adopt_role(conn, admin, login, found, opens, &marker).await?;
             changes.push(format!("marked role {role} as this cluster's"));
-            role_ours = true;
         }
+        role_ours = true;
     }
     if let Some(found) = &found_database
         && found.claim != Claim::Ours
     {
-        // A database owned by the cluster's role was made for it: the role
-        // cannot create databases, and only an administrator could have
-        // given it one (the operator itself, interrupted before its mark).
-        let owned_by_role = role_ours && found.owner.as_deref() == Some(role.as_str());
-        if !owned_by_role {
-            return Err(not_owned_error(
-                address,
-                &[not_owned("database", database, found.claim, false)],
-            ));
-        }
-        execute(
-            conn,
-            address,
-            format!("COMMENT ON DATABASE {} IS {marker}", ident(database)),
-        )
-        .await?;
+        let our_role = role_ours.then_some(role.as_str());
+        adopt_database(conn, address, database, found, our_role, &marker).await?;
         changes.push(format!("marked database {database} as this cluster's"));
     }
 
     if found_role.is_none() {
-        // One transaction: the role never exists without its marker.
-        let sql = format!(
-            "BEGIN; CREATE ROLE {role_ident} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION; COMMENT ON ROLE {role_ident} IS {marker}; COMMIT",
-            literal(&login.password),
-            role_ident = ident(role),
-        );
-        execute(conn, address, sql).await?;
+        create_role(conn, address, login, &marker).await?;
         changes.push(format!("created role {role}"));
     }
     if found_database.is_none() {
         // CREATE DATABASE runs outside any transaction; an interruption
         // before the comment leaves a database owned by the cluster's role,
-        // which the next run marks (above).
+        // which the next run marks (`adopt_database`).
         execute(
             conn,
             address,
             format!("CREATE DATABASE {} OWNER {}", ident(database), ident(role)),
         )
         .await?;
-        execute(
-            conn,
-            address,
-            format!("COMMENT ON DATABASE {} IS {marker}", ident(database)),
-        )
-        .await?;
+        mark_database(conn, address, database, &marker).await?;
         changes.push(format!("created database {database}"));
     }
+    if revoke_public_access(conn, address, database).await? {
+        changes.push(format!("revoked PUBLIC access to database {database}"));
+    }
+    Ok(())
+}
 
-    // PostgreSQL lets every role connect to a new database; only the
-    // cluster's role may.
+/// Foreign markers are never overruled.
+fn refuse_foreign_markers(
+    address: &str,
+    name: &str,
+    role: &Option<Found>,
+    database: &Option<Found>,
+) -> Result<(), DbError> {
+    let mut refused = Vec::new();
+    for (kind, found) in [("role", role), ("database", database)] {
+        if let Some(Found {
+            claim: claim @ (Claim::OtherCluster | Claim::Foreign),
+            ..
+        }) = found
+        {
+            refused.push(not_owned(kind, name, *claim, false));
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        Err(not_owned_error(address, &refused))
+    }
+}
+
+/// An unmarked or inherited role is adopted only on proof: `login` opens
+/// the database `opens` as the role. Then it gets the cluster's marker.
+async fn adopt_role(
+    conn: &mut PgConnection,
+    admin: &Admin,
+    login: &Login,
+    found: &Found,
+    opens: &str,
+    marker: &str,
+) -> Result<(), DbError> {
+    let address = admin.address();
+    let role = &login.username;
+    if !credentials_open(admin, login, opens).await? {
+        return Err(not_owned_error(
+            &address,
+            &[not_owned("role", role, found.claim, true)],
+        ));
+    }
+    execute(
+        conn,
+        &address,
+        format!("COMMENT ON ROLE {} IS {marker}", ident(role)),
+    )
+    .await
+}
+
+/// A database owned by the cluster's role (`our_role`) was made for it: the
+/// role cannot create databases, and only an administrator could have given
+/// it one (the operator itself, interrupted before its mark). Such a
+/// database gets the cluster's marker; any other is refused.
+async fn adopt_database(
+    conn: &mut PgConnection,
+    address: &str,
+    database: &str,
+    found: &Found,
+    our_role: Option<&str>,
+    marker: &str,
+) -> Result<(), DbError> {
+    let owned_by_role = our_role.is_some_and(|role| found.owner.as_deref() == Some(role));
+    if !owned_by_role {
+        return Err(not_owned_error(
+            address,
+            &[not_owned("database", database, found.claim, false)],
+        ));
+    }
+    mark_database(conn, address, database, marker).await
+}
+
+/// One transaction: the role never exists without its marker.
+async fn create_role(
+    conn: &mut PgConnection,
+    address: &str,
+    login: &Login,
+    marker: &str,
+) -> Result<(), DbError> {
+    let sql = format!(
+        "BEGIN; CREATE ROLE {role_ident} LOGIN PASSWORD {} NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION; COMMENT ON ROLE {role_ident} IS {marker}; COMMIT",
+        literal(&login.password),
+        role_ident = ident(&login.username),
+    );
+    execute(conn, address, sql).await
+}
+
+async fn mark_database(
+    conn: &mut PgConnection,
+    address: &str,
+    database: &str,
+    marker: &str,
+) -> Result<(), DbError> {
+    execute(
+        conn,
+        address,
+        format!("COMMENT ON DATABASE {} IS {marker}", ident(database)),
+    )
+    .await
+}
+
+/// PostgreSQL lets every role connect to a new database; only the cluster's
+/// role may. Returns whether anything was revoked.
+async fn revoke_public_access(
+    conn: &mut PgConnection,
+    address: &str,
+    database: &str,
+) -> Result<bool, DbError> {
     let public_may_connect: bool = sqlx::query_scalar(
         "SELECT has_database_privilege('public', $1, 'CONNECT') OR has_database_privilege('public', $1, 'TEMPORARY')",
     )
@@ -323,9 +387,8 @@ async fn ensure_role_and_database(
             format!("REVOKE ALL ON DATABASE {} FROM PUBLIC", ident(database)),
         )
         .await?;
-        changes.push(format!("revoked PUBLIC access to database {database}"));
     }
-    Ok(())
+    Ok(public_may_connect)
 }
 
 async fn reset_password(admin: &Admin, login: &Login) -> Result<(), DbError> {

@@ -602,3 +602,43 @@ impl Drop for Operator {
         let _ = self.child.wait();
     }
 }
+
+/// Waits until `name` no longer exists in `api`, finalizers and all;
+/// panics after `within`. Returns how long it took, which tests of
+/// deletion bound.
+pub async fn gone<K>(api: &Api<K>, name: &str, within: Duration) -> Duration
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let started = Instant::now();
+    while api
+        .get_opt(name)
+        .await
+        .unwrap_or_else(|e| panic!("read {} {name}: {e}", K::kind(&())))
+        .is_some()
+    {
+        assert!(
+            started.elapsed() < within,
+            "{} {name} still exists after {within:?}",
+            K::kind(&())
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    started.elapsed()
+}
+
+/// Deletes `name` with `params` and waits until it is [`gone`].
+pub async fn delete_until_gone<K>(
+    api: &Api<K>,
+    name: &str,
+    params: &DeleteParams,
+    within: Duration,
+) -> Duration
+where
+    K: Resource<DynamicType = ()> + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    api.delete(name, params)
+        .await
+        .unwrap_or_else(|e| panic!("delete {} {name}: {e}", K::kind(&())));
+    gone(api, name, within).await
+}
