@@ -239,6 +239,17 @@ pub enum PullPolicy {
     Never,
 }
 
+impl PullPolicy {
+    /// As a container's `imagePullPolicy` spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PullPolicy::Always => "Always",
+            PullPolicy::IfNotPresent => "IfNotPresent",
+            PullPolicy::Never => "Never",
+        }
+    }
+}
+
 /// What deletion keeps: Retain keeps volumes, the database and cache data
 /// (only the servers go); Delete removes them with the cluster.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, Default, PartialEq, Eq)]

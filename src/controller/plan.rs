@@ -108,7 +108,7 @@ pub struct Plan {
 }
 
 /// Why `pod` differs from what `member` should run, if it does.
-pub fn drift(pod: &Pod, rendered: &Rendered, image: &str) -> Option<String> {
+pub fn drift(pod: &Pod, rendered: &Rendered, image: &str, agent_image: &str) -> Option<String> {
     let name = pod.metadata.name.as_deref().unwrap_or_default();
     let (config, packages, running_image) = workload::digests_of(pod);
     if config != rendered.node_digests.get(name).map(String::as_str) {
@@ -137,7 +137,26 @@ pub fn drift(pod: &Pod, rendered: &Rendered, image: &str) -> Option<String> {
             running_image.unwrap_or("missing")
         ));
     }
+    // An agent of another version may speak another protocol (Lease
+    // names, annotations): its pod is replaced like any other drift.
+    let running_agent = container_image(pod, "agent");
+    if running_agent != Some(agent_image) {
+        return Some(format!(
+            "agent image is {} instead of {agent_image}",
+            running_agent.unwrap_or("missing")
+        ));
+    }
     None
+}
+
+fn container_image<'a>(pod: &'a Pod, name: &str) -> Option<&'a str> {
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == name)?
+        .image
+        .as_deref()
 }
 
 fn terminating(pod: &Pod) -> bool {
@@ -340,7 +359,8 @@ impl<'a> Context<'a> {
     /// Why the node's pod must be replaced, if it must, and whether that
     /// is drift (reported as such in status).
     fn replacement(&self, pod: &Pod) -> Option<(String, bool)> {
-        if let Some(why) = drift(pod, self.rendered, &self.ic.spec.image) {
+        let agent_image = workload::agent_image(self.ic, self.observed.agent_image);
+        if let Some(why) = drift(pod, self.rendered, &self.ic.spec.image, agent_image) {
             return Some((why, true));
         }
         let host = pod.spec.as_ref()?.node_name.as_ref()?;
@@ -1017,6 +1037,37 @@ mod tests {
             Some("server image is srv:hacked instead of srv:1")
         );
         assert_eq!(kinds(&plan), ["online c-2 false"]);
+    }
+
+    #[test]
+    fn an_agent_of_another_version_is_drift_and_rolls() {
+        // Pods from an operator upgrade's predecessor run its agent image.
+        let ic = cluster("");
+        let mut observed = pods(&ic, true, true);
+        for pod in &mut observed {
+            if let Some(agent) = pod
+                .spec
+                .as_mut()
+                .and_then(|s| s.containers.iter_mut().find(|c| c.name == "agent"))
+            {
+                agent.image = Some("integration-operator:previous".into());
+            }
+        }
+        let plan = run(&ic, &observed, &claims(&ic, &["c-0", "c-1", "c-2"]), 10);
+        let expected = format!(
+            "agent image is integration-operator:previous instead of {}",
+            workload::AGENT_IMAGE
+        );
+        assert_eq!(plan.drifted.get("c-0"), Some(&expected));
+        assert_eq!(plan.drifted.len(), 3);
+        // One at a time, through the lifecycle.
+        assert_eq!(kinds(&plan), ["online c-0 false"]);
+        // A spec that names the agent image is what the pods must run,
+        // whatever the operator's default.
+        let pinned = cluster("agent: {image: 'integration-operator:previous'}\n");
+        let observed = pods(&pinned, true, true);
+        let plan = run(&pinned, &observed, &claims(&ic, &["c-0", "c-1", "c-2"]), 10);
+        assert!(plan.drifted.is_empty(), "{:?}", plan.drifted);
     }
 
     #[test]

@@ -11,7 +11,7 @@ pub use agent_access::{
     agent_account, agent_binding, agent_role, listener_lease, listener_leases,
     single_node_listeners,
 };
-pub use pod::{AGENT_IMAGE, containers_ready, digests_of, is_online, is_ready, pod};
+pub use pod::{AGENT_IMAGE, agent_image, containers_ready, digests_of, is_online, is_ready, pod};
 pub use services::{admin_service, client_service, config_map, data_claim, disruption_budget};
 
 use std::collections::BTreeMap;

@@ -53,6 +53,16 @@ const WSO2_CONFIG: &str = "/home/wso2carbon/wso2-config-volume/repository/conf/d
 const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 const API_ACCESS_VOLUME: &str = "agent-api-access";
 
+/// The agent image the cluster's pods run: the spec's, else the operator's
+/// default (an operator upgrade brings a new one, and the pods roll).
+pub fn agent_image<'a>(ic: &'a IntegrationCluster, default_agent_image: &'a str) -> &'a str {
+    ic.spec
+        .agent
+        .as_ref()
+        .and_then(|a| a.image.as_deref())
+        .unwrap_or(default_agent_image)
+}
+
 /// The pod of `member`, stamped with its configuration and package digests.
 /// The agent runs `default_agent_image` unless the spec names one.
 pub fn pod(
@@ -63,12 +73,7 @@ pub fn pod(
 ) -> Pod {
     let facts = facts(ic);
     let cluster = ic.metadata.name.clone().unwrap_or_default();
-    let agent_image = ic
-        .spec
-        .agent
-        .as_ref()
-        .and_then(|a| a.image.clone())
-        .unwrap_or_else(|| default_agent_image.to_owned());
+    let agent_image = agent_image(ic, default_agent_image).to_owned();
     let mut pod_spec = PodSpec {
         hostname: Some(member.name.clone()),
         subdomain: Some(naming::admin_service(&cluster)),
@@ -209,7 +214,7 @@ fn server_container(ic: &IntegrationCluster, facts: &ProfileFacts, cluster: &str
     Container {
         name: "server".into(),
         image: Some(spec.image.clone()),
-        image_pull_policy: spec.image_pull_policy.map(|p| format!("{p:?}")),
+        image_pull_policy: spec.image_pull_policy.map(|p| p.as_str().to_owned()),
         working_dir: (spec.profile == Profile::WebmethodsIs).then(|| IS_HOME.to_owned()),
         ports: Some(server_ports(ic)),
         env: Some(server_env(ic, cluster)),
