@@ -433,6 +433,60 @@ async fn agent_watch(
     Ok(())
 }
 
+/// Serves /metrics, /healthz and /readyz on `address`.
+async fn serve_metrics(
+    address: std::net::SocketAddr,
+    metrics: std::sync::Arc<metrics::Metrics>,
+) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(address)
+        .await
+        .with_context(|| format!("binding the metrics address {address}"))?;
+    tokio::spawn(async move {
+        if let Err(e) = metrics::serve(listener, metrics).await {
+            tracing::warn!(%address, error = %e, "the metrics endpoint stopped");
+        }
+    });
+    Ok(())
+}
+
+/// A signal stops the controller gracefully: running reconciles finish
+/// (the leader keeps renewing meanwhile), then the Lease is released.
+fn stop_on_signal() -> anyhow::Result<tokio::sync::watch::Receiver<bool>> {
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = terminate.recv() => {}
+        }
+        let _ = stop.send(true);
+    });
+    Ok(stopped)
+}
+
+/// The leader election the command line asks for.
+fn election(client: &kube::Client, leader: &LeaderArgs) -> controller::leader::LeaderElection {
+    let identity = leader.leader_election_identity.clone().unwrap_or_else(|| {
+        format!(
+            "{}-{}",
+            std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".to_owned()),
+            std::process::id()
+        )
+    });
+    controller::leader::LeaderElection::new(
+        client.clone(),
+        &leader.leader_election_namespace,
+        &leader.leader_election_id,
+        &identity,
+        listeners::election::Timings::from_seconds(
+            leader.leader_election_lease_seconds,
+            leader.leader_election_renew_deadline_seconds,
+            leader.leader_election_retry_seconds,
+        ),
+    )
+}
+
 async fn run(
     namespace: Option<String>,
     log_format: telemetry::LogFormat,
@@ -443,15 +497,7 @@ async fn run(
     telemetry::init(log_format);
     let metrics = std::sync::Arc::new(metrics::Metrics::default());
     if let Some(address) = metrics_address {
-        let listener = tokio::net::TcpListener::bind(address)
-            .await
-            .with_context(|| format!("binding the metrics address {address}"))?;
-        let served = metrics.clone();
-        tokio::spawn(async move {
-            if let Err(e) = metrics::serve(listener, served).await {
-                tracing::warn!(%address, error = %e, "the metrics endpoint stopped");
-            }
-        });
+        serve_metrics(address, metrics.clone()).await?;
     }
     let config = kube::Config::infer().await.context(
         "no Kubernetes configuration found: set KUBECONFIG to a kubeconfig file, or run the operator inside a cluster",
@@ -470,39 +516,11 @@ async fn run(
         .ready
         .store(true, std::sync::atomic::Ordering::Relaxed);
 
-    // A signal stops the controller gracefully: running reconciles finish
-    // (the leader keeps renewing meanwhile), then the Lease is released.
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .context("installing the SIGTERM handler")?;
-    tokio::spawn(async move {
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = terminate.recv() => {}
-        }
-        let _ = stop.send(true);
-    });
+    let stopped = stop_on_signal()?;
 
-    let election = leader.leader_elect.then(|| {
-        let identity = leader.leader_election_identity.clone().unwrap_or_else(|| {
-            format!(
-                "{}-{}",
-                std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".to_owned()),
-                std::process::id()
-            )
-        });
-        std::sync::Arc::new(controller::leader::LeaderElection::new(
-            client.clone(),
-            &leader.leader_election_namespace,
-            &leader.leader_election_id,
-            &identity,
-            listeners::election::Timings::from_seconds(
-                leader.leader_election_lease_seconds,
-                leader.leader_election_renew_deadline_seconds,
-                leader.leader_election_retry_seconds,
-            ),
-        ))
-    });
+    let election = leader
+        .leader_elect
+        .then(|| std::sync::Arc::new(election(&client, &leader)));
     // A lost Lease, by contrast, stops everything at once: another replica
     // may already lead, so not one more write may go out from this one.
     let (lost_tx, mut lost) = tokio::sync::watch::channel(false);

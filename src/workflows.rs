@@ -200,41 +200,16 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 agent,
                 ..
             },
-        ) => {
-            let waiting = previous.filter(|s| *s == Offline).unwrap_or(Pending);
-            if online {
-                let state = if ready { Online } else { Pending };
-                let message = if ready {
-                    ""
-                } else {
-                    "waiting for the server to become ready"
-                };
-                return decision(state, vec![], message);
-            }
-            if asked_offline {
-                return decision(
-                    waiting,
-                    vec![Step::AskOffline(false)],
-                    "asking the agent to resume the server",
-                );
-            }
-            match agent {
-                Some(a) if a.quiesced => decision(
-                    waiting,
-                    vec![],
-                    "waiting for the agent to resume the server",
-                ),
-                Some(a) if !a.healthy => {
-                    decision(waiting, vec![], "waiting for the server to report healthy")
-                }
-                _ if containers_ready => decision(
-                    waiting,
-                    vec![Step::SetOnline(true)],
-                    "server ready: bringing the node online",
-                ),
-                _ => decision(waiting, vec![], "waiting for the server to become ready"),
-            }
-        }
+        ) => come_online(
+            previous,
+            Arriving {
+                containers_ready,
+                online,
+                ready,
+                asked_offline,
+                agent,
+            },
+        ),
 
         (
             Intent::Offline | Intent::Remove | Intent::Replace,
@@ -259,6 +234,61 @@ pub fn decide(node: &str, previous: Option<NodeState>, intent: Intent, facts: &F
                 agent,
             },
         ),
+    }
+}
+
+/// What a node coming online shows.
+struct Arriving {
+    containers_ready: bool,
+    online: bool,
+    ready: bool,
+    asked_offline: bool,
+    agent: Option<AgentFacts>,
+}
+
+/// A node meant to serve: resumed through its agent, then put back in the
+/// client Service once its server is ready and healthy.
+fn come_online(previous: Option<NodeState>, pod: Arriving) -> Decision {
+    use NodeState::*;
+    let Arriving {
+        containers_ready,
+        online,
+        ready,
+        asked_offline,
+        agent,
+    } = pod;
+    let waiting = previous.filter(|s| *s == Offline).unwrap_or(Pending);
+    if online {
+        let state = if ready { Online } else { Pending };
+        let message = if ready {
+            ""
+        } else {
+            "waiting for the server to become ready"
+        };
+        return decision(state, vec![], message);
+    }
+    if asked_offline {
+        return decision(
+            waiting,
+            vec![Step::AskOffline(false)],
+            "asking the agent to resume the server",
+        );
+    }
+    match agent {
+        Some(a) if a.quiesced => decision(
+            waiting,
+            vec![],
+            "waiting for the agent to resume the server",
+        ),
+        Some(a) if !a.healthy => {
+            decision(waiting, vec![], "waiting for the server to report healthy")
+        }
+        _ if containers_ready => decision(
+            waiting,
+            vec![Step::SetOnline(true)],
+            "server ready: bringing the node online",
+        ),
+        _ => decision(waiting, vec![], "waiting for the server to become ready"),
     }
 }
 
@@ -336,21 +366,7 @@ fn leave(
         (true, _, waiting) => waiting,
     };
     let Some(waiting_for) = waiting_for else {
-        return match intent {
-            Intent::Remove => {
-                decision(Removing, vec![Step::DeletePod], "drained: deleting the pod")
-            }
-            Intent::Replace => decision(
-                replaced(facts),
-                vec![Step::DeletePod],
-                "drained: deleting the pod, to be created again from the current spec",
-            ),
-            _ => decision(
-                Offline,
-                vec![],
-                "offline: no client traffic, reachable on the admin Service",
-            ),
-        };
+        return drained(intent, facts);
     };
     if intent == Intent::Offline {
         return decision(
@@ -396,6 +412,27 @@ fn unfinished_work(gd: GdWork) -> Option<String> {
             Some("the cluster database to report guaranteed-delivery work".to_owned())
         }
         _ => None,
+    }
+}
+
+/// A node out of the client Service with nothing left to wait for.
+fn drained(intent: Intent, facts: &Facts) -> Decision {
+    match intent {
+        Intent::Remove => decision(
+            NodeState::Removing,
+            vec![Step::DeletePod],
+            "drained: deleting the pod",
+        ),
+        Intent::Replace => decision(
+            replaced(facts),
+            vec![Step::DeletePod],
+            "drained: deleting the pod, to be created again from the current spec",
+        ),
+        _ => decision(
+            NodeState::Offline,
+            vec![],
+            "offline: no client traffic, reachable on the admin Service",
+        ),
     }
 }
 

@@ -19,7 +19,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use tracing::info;
 
-use super::plan::Action;
+use super::plan::{Action, Departure};
 use super::{Context, FIELD_MANAGER, Failure};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
@@ -228,6 +228,15 @@ async fn ensure_listener_lease(
     Ok(true)
 }
 
+/// Says why a node's pod went: in the log, and in an Event about the pod.
+async fn deleted(ctx: &Context, ic: &IntegrationCluster, node: &str, departure: &Departure) {
+    let note = departure.note(node);
+    info!(cluster = %ic.name_any(), %node, %note, "deleted pod");
+    let pod = pod_ref(&ic.namespace().unwrap_or_default(), node);
+    let reason = departure.event_reason();
+    publish_about(ctx, ic, EventType::Normal, reason, note, Some(pod)).await;
+}
+
 /// Carries out `actions` in order; the first failure stops the rest (the
 /// next reconcile plans again from what then exists).
 pub async fn execute(
@@ -284,11 +293,7 @@ pub async fn execute(
                         .map(|_| ()),
                 )
                 .map_err(write("Pod", format!("delete pod {node}")))?;
-                let note = departure.note(node);
-                info!(cluster = %ic.name_any(), %node, %note, "deleted pod");
-                let pod = pod_ref(&ns, node);
-                let reason = departure.event_reason();
-                publish_about(ctx, ic, EventType::Normal, reason, note, Some(pod)).await;
+                deleted(ctx, ic, node, departure).await;
             }
             Action::DeleteClaim { name } => {
                 ignore_missing(
