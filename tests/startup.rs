@@ -129,6 +129,19 @@ async fn a_missing_crd_says_how_to_install_it() {
         crds.get_opt(CRD_NAME).await.ok()?.is_none().then_some(())
     })
     .await;
+    // The API server serves the resource a moment longer than the CRD
+    // object exists; an operator started then passes its preflight and runs.
+    wait_until(
+        Duration::from_secs(60),
+        "the resource no longer served",
+        || async {
+            match all.list(&Default::default()).await {
+                Err(kube::Error::Api(e)) if e.code == 404 => Some(()),
+                _ => None,
+            }
+        },
+    )
+    .await;
 
     let output = operator(&operator_kubeconfig().to_string_lossy());
     install_crd(&client).await; // before asserting, so later tests find it

@@ -534,6 +534,26 @@ async fn a_settled_cluster_costs_no_writes() {
     delete_namespace(&s.client, &s.ns).await;
 }
 
+/// A restarted operator reconciles what it finds as it is: its caches are
+/// filled before the first reconcile, so it neither recreates pods that
+/// exist nor rewrites a settled cluster's status.
+#[tokio::test]
+async fn a_restarted_operator_writes_nothing_to_a_settled_cluster() {
+    let mut s = setup("restart").await;
+    s.create(&generic("c", 3, "")).await;
+    ready(&s.api, "c").await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let before = operator_writes(&s.ns).len();
+    s._operator = Operator::start(&s.ns);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    let after: Vec<String> = operator_writes(&s.ns).into_iter().skip(before).collect();
+    assert!(
+        after.is_empty(),
+        "writes by a restarted operator to a settled cluster: {after:#?}"
+    );
+    delete_namespace(&s.client, &s.ns).await;
+}
+
 #[tokio::test]
 async fn a_changed_config_source_rolls_the_nodes() {
     let s = setup("sources").await;

@@ -140,6 +140,10 @@ struct Refs {
 
 /// Reads only: the stores, and GETs of what no store holds.
 async fn dereference(ic: &IntegrationCluster, ctx: &Context) -> Result<Refs, Failure> {
+    // Only right after a start: the reconcile's deadline bounds the wait.
+    if ctx.stores.ready().await.is_err() || ctx.nodes.wait_until_ready().await.is_err() {
+        return Err(Failure::WatchStopped);
+    }
     let pods = ctx.stores.pods(ic);
     Ok(Refs {
         others: ctx.store.state(),

@@ -57,6 +57,9 @@ pub enum Failure {
     Random(String),
     #[error("{0}")]
     Conflict(String),
+    /// A watch the reconciles read from ended; only at shutdown.
+    #[error("the operator's watches stopped")]
+    WatchStopped,
 }
 
 impl Failure {
@@ -68,6 +71,7 @@ impl Failure {
             Failure::Database(_) => "database",
             Failure::Random(_) => "random",
             Failure::Conflict(_) => "conflict",
+            Failure::WatchStopped => "watch",
         }
     }
 }

@@ -9,6 +9,7 @@ use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
+use kube::runtime::reflector::store::WriterDropped;
 use kube::runtime::reflector::{ObjectRef, Store};
 
 use crate::api::IntegrationCluster;
@@ -24,6 +25,16 @@ pub struct Stores {
 }
 
 impl Stores {
+    /// Waits until every store holds its watch's first full list. Before
+    /// that a store is empty, and a reconcile reading it would take pods
+    /// that exist for missing (a restarted operator recreated every pod
+    /// and rewrote every status). Errs only if a watch is gone for good.
+    pub async fn ready(&self) -> Result<(), WriterDropped> {
+        self.pods.wait_until_ready().await?;
+        self.claims.wait_until_ready().await?;
+        self.leases.wait_until_ready().await
+    }
+
     /// The cluster's server pods.
     pub fn pods(&self, ic: &IntegrationCluster) -> Vec<Pod> {
         of_cluster(&self.pods, ic, "server")
