@@ -635,18 +635,6 @@ async fn url_packages_are_downloaded_verified_and_unpacked() {
     assert_eq!(manifest.expect("unpacked"), "version=9.6");
 }
 
-/// The stand-in's hooks, as `Operator::agent_with` passes them.
-const STANDIN_HOOKS: [&str; 8] = [
-    "--quiesce-path",
-    "/quiesce",
-    "--resume-path",
-    "/resume",
-    "--in-flight-path",
-    "/inflight",
-    "--health-path",
-    "/health",
-];
-
 /// A bare pod named `name` for an agent to impersonate, without an
 /// operator: the agent needs only its pod.
 async fn lone_pod(client: &Client, ns: &str, name: &str) -> Pod {

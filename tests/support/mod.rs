@@ -41,6 +41,18 @@ pub fn free_port() -> u16 {
     panic!("no free port in {FIRST}..{}", FIRST + COUNT);
 }
 
+/// The stand-in server's hooks, as an agent is told them.
+pub const STANDIN_HOOKS: [&str; 8] = [
+    "--quiesce-path",
+    "/quiesce",
+    "--resume-path",
+    "/resume",
+    "--in-flight-path",
+    "/inflight",
+    "--health-path",
+    "/health",
+];
+
 /// Where `hack/control-plane/up` keeps its state.
 pub fn state_dir() -> PathBuf {
     if let Ok(dir) = std::env::var("CONTROL_PLANE_DIR") {
@@ -490,16 +502,7 @@ impl Operator {
     /// An agent with extra arguments (package list, installed directory),
     /// driving the stand-in's quiesce, resume, in-flight and health hooks.
     pub fn agent_with(namespace: &str, pod: &str, server: &str, extra: &[&str]) -> Self {
-        let mut args = vec![
-            "--quiesce-path",
-            "/quiesce",
-            "--resume-path",
-            "/resume",
-            "--in-flight-path",
-            "/inflight",
-            "--health-path",
-            "/health",
-        ];
+        let mut args = STANDIN_HOOKS.to_vec();
         args.extend_from_slice(extra);
         Self::agent_via(namespace, pod, server, &args, &admin_kubeconfig())
     }
