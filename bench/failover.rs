@@ -30,6 +30,16 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+#[path = "plane.rs"]
+mod plane;
+// Shared with bench/clusters.rs, whose tables use the cell formatting too.
+#[allow(dead_code)]
+#[path = "stats.rs"]
+mod stats;
+
+use plane::{SETUP_TIMEOUT, client_for, create_namespace, install_crd, state_dir, wait_for};
+use stats::median_p95;
+
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Parser;
 use http_body_util::Full;
@@ -38,10 +48,8 @@ use hyper::{Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use integration_operator::api::{IntegrationCluster, Phase};
 use k8s_openapi::api::core::v1::Namespace;
-use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
-use kube::config::{KubeConfigOptions, Kubeconfig};
-use kube::{Client, Config};
+use kube::Client;
+use kube::api::{Api, DeleteParams, PostParams};
 use tokio::net::TcpListener;
 
 /// The timings of both systems.
@@ -53,14 +61,12 @@ const CANDIDATES: usize = 3;
 const CLUSTER: &str = "bench";
 const LISTENER: &str = "bench";
 const PEER_LEASE: &str = "bench-peer";
-const CRD_NAME: &str = "integrationclusters.integration.dev";
 
 /// A holder counts as stable once it alone has been enabled this long:
 /// longer than a retry period, so it has refreshed at least once.
 const STABLE_FOR: Duration = Duration::from_secs(5);
 /// Waits that end the run when they expire (the harness cannot go on).
 const STABLE_TIMEOUT: Duration = Duration::from_secs(90);
-const SETUP_TIMEOUT: Duration = Duration::from_secs(90);
 /// Waits whose expiry is a result, reported in the notes.
 const TAKEOVER_TIMEOUT: Duration = Duration::from_secs(60);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(15);
@@ -325,28 +331,6 @@ fn last_epoch(calls: &[Call], holder: usize, t0: Instant) -> Option<i64> {
         .filter(|c| matches!(c.hook, Hook::Enable { .. }))
         .max_by_key(|c| c.at)
         .and_then(|c| c.epoch)
-}
-
-/// Median and nearest-rank 95th percentile; `None` samples (no takeover)
-/// sort above every time.
-fn median_p95(samples: &[Option<Duration>]) -> Option<(Option<Duration>, Option<Duration>)> {
-    if samples.is_empty() {
-        return None;
-    }
-    let mut sorted = samples.to_vec();
-    sorted.sort_by_key(|s| (s.is_none(), *s));
-    let n = sorted.len();
-    let median = if n % 2 == 1 {
-        sorted[n / 2]
-    } else {
-        match (sorted[n / 2 - 1], sorted[n / 2]) {
-            (Some(a), Some(b)) => Some((a + b) / 2),
-            _ => None,
-        }
-    };
-    // Nearest rank: the ceil(0.95 n)-th smallest.
-    let rank = (n * 95).div_ceil(100).max(1);
-    Some((median, sorted[rank - 1]))
 }
 
 // ---------------------------------------------------------------- processes
@@ -676,130 +660,6 @@ impl System {
 
 // ---------------------------------------------------------------- cluster
 
-fn state_dir() -> Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("CONTROL_PLANE_DIR") {
-        return Ok(dir.into());
-    }
-    let uid = Command::new("id").arg("-u").output().context("run id -u")?;
-    let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
-    Ok(std::env::temp_dir().join(format!("integration-operator-{uid}")))
-}
-
-fn repo_path(relative: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join(relative)
-}
-
-async fn client_for(kubeconfig: &Path) -> Result<Client> {
-    let kc = Kubeconfig::read_from(kubeconfig)
-        .with_context(|| format!("read {}", kubeconfig.display()))?;
-    let config = Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default()).await?;
-    Ok(Client::try_from(config)?)
-}
-
-/// Polls `probe` until it returns `Some`, or fails naming `what`.
-async fn wait_for<T, F, Fut>(timeout: Duration, what: &str, mut probe: F) -> Result<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(value) = probe().await {
-            return Ok(value);
-        }
-        if Instant::now() >= deadline {
-            bail!("timed out after {timeout:?} waiting for {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// The control plane's kubectl as admin, run from the repository.
-fn kubectl(state: &Path, args: &[&str]) -> Result<()> {
-    let kubectl = std::env::var("KUBECTL").unwrap_or_else(|_| "kubectl".into());
-    let output = Command::new(&kubectl)
-        .args(args)
-        .env("KUBECONFIG", state.join("kubeconfig"))
-        .env("KUBECACHEDIR", state.join("kubectl-cache"))
-        .current_dir(env!("CARGO_MANIFEST_DIR"))
-        .output()
-        .with_context(|| format!("run {kubectl}; hack/env.sh puts the control plane's on PATH"))?;
-    if !output.status.success() {
-        bail!(
-            "kubectl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&output.stderr)
-        );
-    }
-    Ok(())
-}
-
-/// Applies the committed CRD and the operator's RBAC (as the tests do) and
-/// waits until IntegrationClusters are served.
-async fn install_crd(client: &Client, state: &Path) -> Result<()> {
-    let path = repo_path("crds/integrationcluster.yaml");
-    let text =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
-    let crd: CustomResourceDefinition =
-        serde_saphyr::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
-    let crds: Api<CustomResourceDefinition> = Api::all(client.clone());
-    crds.patch(
-        CRD_NAME,
-        &PatchParams::apply("integration-operator-bench").force(),
-        &Patch::Apply(&crd),
-    )
-    .await
-    .context("apply the CRD")?;
-    kubectl(
-        state,
-        &[
-            "apply",
-            "--server-side",
-            "--force-conflicts",
-            "-f",
-            "manifests/rbac.yaml",
-        ],
-    )?;
-    kubectl(
-        state,
-        &[
-            "apply",
-            "--server-side",
-            "-f",
-            "hack/control-plane/operator-user-binding.yaml",
-        ],
-    )?;
-    wait_for(SETUP_TIMEOUT, "the CRD to be established", || async {
-        let crd = crds.get(CRD_NAME).await.ok()?;
-        crd.status?
-            .conditions?
-            .iter()
-            .any(|c| c.type_ == "Established" && c.status == "True")
-            .then_some(())
-    })
-    .await?;
-    let api: Api<IntegrationCluster> = Api::all(client.clone());
-    wait_for(
-        SETUP_TIMEOUT,
-        "IntegrationClusters to be served",
-        || async { api.list(&Default::default()).await.ok().map(|_| ()) },
-    )
-    .await
-}
-
-async fn create_namespace(client: &Client) -> Result<String> {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let name = format!("bench-{:05x}", nanos % 0xfffff);
-    let ns: Namespace = serde_json::from_value(serde_json::json!({"metadata": {"name": name}}))?;
-    Api::<Namespace>::all(client.clone())
-        .create(&PostParams::default(), &ns)
-        .await
-        .with_context(|| format!("create namespace {name}"))?;
-    Ok(name)
-}
-
 /// Creates the bench IntegrationCluster, waits for phase Ready and returns
 /// its `spec.listeners` as JSON (what the agent gets in a pod).
 async fn ready_cluster(client: &Client, ns: &str) -> Result<String> {
@@ -1107,7 +967,7 @@ async fn setup(args: Args) -> Result<Bench> {
     }
     let client = client_for(&kubeconfig).await?;
     install_crd(&client, &state).await?;
-    let ns = create_namespace(&client).await?;
+    let ns = create_namespace(&client, "bench").await?;
     eprintln!("[bench] namespace {ns}");
     Ok(Bench {
         trials: args.trials,
@@ -1332,29 +1192,6 @@ mod tests {
         let at = Instant::now();
         assert_eq!(wall_to_instant(at, 1_000, 5_000), at);
         assert_eq!(wall_to_instant(at, 6_000, 5_000), at + ms(1_000));
-    }
-
-    #[test]
-    fn median_and_nearest_rank_p95() {
-        let s = |v: &[u64]| v.iter().map(|&n| Some(ms(n))).collect::<Vec<_>>();
-        assert_eq!(
-            median_p95(&s(&[5, 1, 3, 2, 4])),
-            Some((Some(ms(3)), Some(ms(5))))
-        );
-        assert_eq!(
-            median_p95(&s(&[4, 1, 3, 2])),
-            Some((Some(ms(2) + ms(1) / 2), Some(ms(4))))
-        );
-        let twenty: Vec<u64> = (1..=20).collect();
-        assert_eq!(median_p95(&s(&twenty)).map(|(_, p)| p), Some(Some(ms(19))));
-        // A trial without takeover ranks last.
-        let mut with_miss = s(&[1, 2, 3]);
-        with_miss.push(None);
-        assert_eq!(
-            median_p95(&with_miss),
-            Some((Some(ms(2) + ms(1) / 2), None))
-        );
-        assert_eq!(median_p95(&[]), None);
     }
 
     #[test]
