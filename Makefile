@@ -5,7 +5,7 @@ help:
 	@echo "make demo   local control plane + PostgreSQL, the operator, sample clusters"
 	@echo "make test   fmt, clippy, CRD check, unit and integration tests on a real control plane, e2e on a real node"
 	@echo "make e2e    end to end on a real kubelet node: operator in-cluster, agents, real servers"
-	@echo "make bench  listener failover: the agents against client-go leader election (bench/RESULTS.md)"
+	@echo "make bench  listener failover against client-go, the operator against bare StatefulSets (bench/RESULTS.md)"
 	@echo "make down   stop the local control plane (and the demo operator)"
 	@echo "make crds   regenerate crds/ (and the chart's copy) from the Rust types"
 
