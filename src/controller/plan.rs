@@ -163,19 +163,23 @@ fn terminating(pod: &Pod) -> bool {
     pod.metadata.deletion_timestamp.is_some()
 }
 
-/// Seconds the pod has not been Ready: since its Ready condition last
+/// Since when the pod has not been Ready: since its Ready condition last
 /// turned False, or since it was created if it never was Ready. A node that
 /// was Ready for days and fails one probe is not stalled at once.
-fn unready_seconds(pod: &Pod, now: Timestamp) -> i64 {
-    let ready_since = pod
+fn unready_since(pod: &Pod) -> Option<Timestamp> {
+    let turned_unready = pod
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready" && c.status != "True"))
         .and_then(|c| c.last_transition_time.as_ref());
-    ready_since
+    turned_unready
         .or(pod.metadata.creation_timestamp.as_ref())
-        .map_or(0, |t| now.as_second() - t.0.as_second())
+        .map(|t| t.0)
+}
+
+fn unready_seconds(pod: &Pod, now: Timestamp) -> i64 {
+    unready_since(pod).map_or(0, |since| now.as_second() - since.as_second())
 }
 
 /// Clients may still be sent to the pod: it is Ready, or it stopped being
@@ -610,9 +614,14 @@ fn member_step(
             let deadline = i64::from(ctx.ic.spec.rollout.progress_deadline_seconds);
             let waiting = !terminating(p) && decision.steps.is_empty();
             if waiting && unready > deadline {
+                // A moment, not a count of seconds: the status says the
+                // same until something changes, and is not rewritten.
+                let since =
+                    unready_since(p).and_then(|t| t.round(k8s_openapi::jiff::Unit::Second).ok());
                 let why = format!(
-                    "{} is not Ready for {unready}s (rollout.progressDeadlineSeconds is {deadline})",
-                    member.name
+                    "{} has not been Ready since {}, longer than rollout.progressDeadlineSeconds ({deadline})",
+                    member.name,
+                    since.map_or_else(|| "its start".to_owned(), |t| t.to_string())
                 );
                 plan.stalled.get_or_insert(why.clone());
                 view.message = Some(why);
@@ -983,7 +992,7 @@ mod tests {
         assert!(
             late.stalled
                 .as_deref()
-                .is_some_and(|s| s.starts_with("c-0 is not Ready"))
+                .is_some_and(|s| s.starts_with("c-0 has not been Ready since"))
         );
         assert!(
             late.actions.is_empty(),
@@ -1010,8 +1019,14 @@ mod tests {
         let stalled = run(&ic, &observed, &claims, 1061).stalled;
         assert_eq!(
             stalled.as_deref(),
-            Some("c-1 is not Ready for 61s (rollout.progressDeadlineSeconds is 60)")
+            Some(
+                "c-1 has not been Ready since 1970-01-01T00:16:40Z, longer than \
+                 rollout.progressDeadlineSeconds (60)"
+            )
         );
+        // The same words later: a stalled cluster's status is not rewritten
+        // every time it is looked at.
+        assert_eq!(run(&ic, &observed, &claims, 1900).stalled, stalled);
     }
 
     #[test]
