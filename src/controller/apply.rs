@@ -4,15 +4,13 @@
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::core::v1::{
     ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Secret, Service,
 };
-use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -20,7 +18,7 @@ use serde_json::Value;
 use tracing::info;
 
 use super::plan::{Action, Departure};
-use super::{Context, FIELD_MANAGER, Failure};
+use super::{Context, FIELD_MANAGER, Failure, stores};
 use crate::api::{DatabaseMode, DeletionPolicy, IntegrationCluster};
 use crate::cache;
 use crate::database::managed;
@@ -45,26 +43,26 @@ pub fn is_subset(desired: &Value, observed: &Value) -> bool {
     }
 }
 
-/// Applies `desired` unless the server already holds it.
-async fn ensure<K>(api: &Api<K>, desired: &K) -> Result<bool, Failure>
+/// Applies `desired` unless the store (what the watch last saw) already
+/// holds it: a settled cluster costs no reads and no writes. A store a
+/// moment behind costs at most one write the server finds unchanged.
+async fn ensure<K>(api: &Api<K>, store: &Store<K>, desired: &K) -> Result<bool, Failure>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    K::DynamicType: Default,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
-    let name = desired.name_any();
-    let current = api.get_opt(&name).await.map_err(|source| Failure::Read {
-        kind: K::kind(&K::DynamicType::default()).into_owned(),
-        what: format!("{} {name}", K::kind(&K::DynamicType::default())),
-        source,
-    })?;
-    ensure_over(api, desired, current).await
+    let current = stores::stored(store, desired);
+    ensure_over(api, store, desired, current.as_deref()).await
 }
 
-/// Applies `desired` unless `current` (as just read) already holds it.
-async fn ensure_over<K>(api: &Api<K>, desired: &K, current: Option<K>) -> Result<bool, Failure>
+/// Applies `desired` unless `current` already holds it.
+async fn ensure_over<K>(
+    api: &Api<K>,
+    store: &Store<K>,
+    desired: &K,
+    current: Option<&K>,
+) -> Result<bool, Failure>
 where
-    K: Resource + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
-    K::DynamicType: Default,
+    K: Resource<DynamicType = ()> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
 {
     let name = desired.name_any();
     let write = |source| Failure::Write {
@@ -86,88 +84,152 @@ where
             return Ok(false);
         }
     }
-    api.patch(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&wanted),
-    )
-    .await
-    .map_err(write)?;
+    let written = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&wanted),
+        )
+        .await
+        .map_err(write)?;
+    let before = current.and_then(|c| c.meta().resource_version.clone());
+    let after = written.meta().resource_version.as_deref();
+    stores::seen(store, &ObjectRef::from_obj(desired), before, after).await;
     Ok(true)
 }
 
-/// ConfigMap, Services and PodDisruptionBudget, in dependency order.
-pub async fn ensure_shared(
+/// One shared object to ensure: what it is (for the log), and the write.
+type Ensuring<'a> = futures::future::BoxFuture<'a, Result<Option<&'static str>, Failure>>;
+
+fn ensuring<'a, K>(what: &'static str, api: Api<K>, store: &'a Store<K>, desired: K) -> Ensuring<'a>
+where
+    K: Resource<DynamicType = ()>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    Box::pin(async move {
+        let changed = ensure(&api, store, &desired).await?;
+        Ok(changed.then_some(what))
+    })
+}
+
+/// What the agents may do and hold: their Role, its binding, and the
+/// single-node listener Leases. In this order: the API server checks that
+/// the operator holds every permission a bound Role grants, and a Role it
+/// does not find yet fails the binding; a Lease comes after the Role that
+/// no longer grants an earlier version's names. The pods do not wait for
+/// any of it (their agents start seconds later and retry a refused call),
+/// and the RBAC checks made these writes the slowest of a new cluster's.
+pub async fn ensure_agent_access(
     ctx: &Context,
     ic: &IntegrationCluster,
     cluster: &ValidatedCluster,
-    rendered: &Rendered,
 ) -> Result<(), Failure> {
     let ns = ic.namespace().unwrap_or_default();
-    let client = ctx.client.clone();
-    let accounts: Api<ServiceAccount> = Api::namespaced(client.clone(), &ns);
-    let roles: Api<Role> = Api::namespaced(client.clone(), &ns);
-    let bindings: Api<RoleBinding> = Api::namespaced(client.clone(), &ns);
-    let cms: Api<ConfigMap> = Api::namespaced(client.clone(), &ns);
-    let services: Api<Service> = Api::namespaced(client.clone(), &ns);
-    let pdbs: Api<PodDisruptionBudget> = Api::namespaced(client.clone(), &ns);
+    let shared = &ctx.stores.shared;
     let mut changed = Vec::new();
-    if ensure(&accounts, &workload::agent_account(ic)).await? {
-        changed.push("agent ServiceAccount");
-    }
-    if ensure(&roles, &workload::agent_role(ic, cluster)).await? {
+    let roles = Api::namespaced(ctx.client.clone(), &ns);
+    if ensure(&roles, &shared.roles, &workload::agent_role(ic, cluster)).await? {
         changed.push("agent Role");
     }
-    if ensure(&bindings, &workload::agent_binding(ic)).await? {
+    let bindings = Api::namespaced(ctx.client.clone(), &ns);
+    if ensure(&bindings, &shared.bindings, &workload::agent_binding(ic)).await? {
         changed.push("agent RoleBinding");
     }
-    if ensure(&cms, &workload::config_map(ic, rendered)).await? {
-        changed.push("ConfigMap");
-    }
-    if ensure(&services, &workload::admin_service(ic)).await? {
-        changed.push("admin Service");
-    }
-    if ensure(&services, &workload::client_service(ic)).await? {
-        changed.push("client Service");
-    }
-    if ensure(&pdbs, &workload::disruption_budget(ic)).await? {
-        changed.push("PodDisruptionBudget");
-    }
-    // Single-node listener Leases (empty until an agent holds them), after
-    // the agent Role: it no longer grants an earlier version's names.
     let leases: Api<Lease> = Api::namespaced(ctx.client.clone(), &ns);
     for listener in workload::single_node_listeners(ic) {
-        if ensure_listener_lease(&leases, ic, listener).await? {
+        if ensure_listener_lease(&leases, &ctx.stores.leases, ic, listener).await? {
             changed.push("listener Lease");
         }
     }
-    // The managed cache and database, when the spec asks for them.
-    let sets: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), &ns);
-    if let Some(cm) = cache::config_map(ic)
-        && ensure(&cms, &cm).await?
-    {
-        changed.push("cache ConfigMap");
+    if !changed.is_empty() {
+        info!(cluster = %ic.name_any(), ?changed, "applied the agents' access");
+    }
+    Ok(())
+}
+
+/// Runs every write to the end (a write given up half way may or may not
+/// have happened), then reports the first failure, if any.
+async fn all_of(writes: Vec<Ensuring<'_>>) -> Result<Vec<&'static str>, Failure> {
+    let mut changed = Vec::new();
+    for result in futures::future::join_all(writes).await {
+        changed.extend(result?);
+    }
+    Ok(changed)
+}
+
+/// The objects the servers share: the agent's ServiceAccount, the
+/// ConfigMap, Services, PodDisruptionBudget, and the managed cache and
+/// database when the spec asks for them. They do not depend on each other,
+/// so they are applied at once; the pods that need them come after.
+pub async fn ensure_shared(
+    ctx: &Context,
+    ic: &IntegrationCluster,
+    rendered: &Rendered,
+) -> Result<(), Failure> {
+    let ns = ic.namespace().unwrap_or_default();
+    let client = &ctx.client;
+    let stores = &ctx.stores.shared;
+    let services = || Api::<Service>::namespaced(client.clone(), &ns);
+    let cms = || Api::<ConfigMap>::namespaced(client.clone(), &ns);
+    let sets = || Api::<StatefulSet>::namespaced(client.clone(), &ns);
+    let mut writes: Vec<Ensuring> = vec![
+        ensuring(
+            "agent ServiceAccount",
+            Api::namespaced(client.clone(), &ns),
+            &stores.accounts,
+            workload::agent_account(ic),
+        ),
+        ensuring(
+            "ConfigMap",
+            cms(),
+            &stores.config_maps,
+            workload::config_map(ic, rendered),
+        ),
+        ensuring(
+            "admin Service",
+            services(),
+            &stores.services,
+            workload::admin_service(ic),
+        ),
+        ensuring(
+            "client Service",
+            services(),
+            &stores.services,
+            workload::client_service(ic),
+        ),
+        ensuring(
+            "PodDisruptionBudget",
+            Api::namespaced(client.clone(), &ns),
+            &stores.budgets,
+            workload::disruption_budget(ic),
+        ),
+    ];
+    if let Some(cm) = cache::config_map(ic) {
+        writes.push(ensuring("cache ConfigMap", cms(), &stores.config_maps, cm));
     }
     for (what, service) in [
         ("cache Service", cache::service(ic)),
         ("database Service", managed::service(ic)),
     ] {
-        if let Some(service) = service
-            && ensure(&services, &service).await?
-        {
-            changed.push(what);
+        if let Some(service) = service {
+            writes.push(ensuring(what, services(), &stores.services, service));
         }
     }
     for (what, set) in [
         ("cache StatefulSet", cache::stateful_set(ic)),
         ("database StatefulSet", managed::stateful_set(ic)),
     ] {
-        if let Some(set) = set
-            && ensure(&sets, &set).await?
-        {
-            changed.push(what);
+        if let Some(set) = set {
+            writes.push(ensuring(what, sets(), &stores.sets, set));
         }
     }
+    let changed = all_of(writes).await?;
     if !changed.is_empty() {
         info!(cluster = %ic.name_any(), ?changed, "applied shared objects");
     }
@@ -182,6 +244,7 @@ pub async fn ensure_shared(
 /// operator may not delete Leases), and no agent Role grants it any more.
 async fn ensure_listener_lease(
     api: &Api<Lease>,
+    store: &Store<Lease>,
     ic: &IntegrationCluster,
     listener: &str,
 ) -> Result<bool, Failure> {
@@ -196,13 +259,12 @@ async fn ensure_listener_lease(
             source,
         }
     };
-    let current = api.get_opt(&name).await.map_err(read(&name))?;
-    if current.is_some() {
-        return ensure_over(api, &desired, current).await;
+    if let Some(current) = stores::stored(store, &desired) {
+        return ensure_over(api, store, &desired, Some(&current)).await;
     }
     let old_name = crate::listeners::legacy_lease_name(&cluster, listener);
     let Some(old) = api.get_opt(&old_name).await.map_err(read(&old_name))? else {
-        return ensure_over(api, &desired, None).await;
+        return ensure_over(api, store, &desired, None).await;
     };
     let params = PostParams {
         field_manager: Some(FIELD_MANAGER.to_owned()),
@@ -238,12 +300,34 @@ async fn deleted(ctx: &Context, ic: &IntegrationCluster, node: &str, departure: 
 }
 
 /// Carries out `actions` in order; the first failure stops the rest (the
-/// next reconcile plans again from what then exists).
+/// next reconcile plans again from what then exists). Creations and online
+/// gates that follow each other are independent of each other and go out
+/// at once: a new cluster's pods are created in one round trip, not three.
 pub async fn execute(
     ctx: &Context,
     ic: &IntegrationCluster,
     actions: &[Action],
 ) -> Result<(), Failure> {
+    for batch in actions.chunk_by(at_once) {
+        // Each to its end, as in `all_of`.
+        let done = futures::future::join_all(batch.iter().map(|a| carry_out(ctx, ic, a))).await;
+        done.into_iter().collect::<Result<Vec<()>, _>>()?;
+    }
+    Ok(())
+}
+
+/// Whether two neighbouring actions may run at the same time: creations of
+/// claims or pods, and online gates; never a step of a node leaving.
+fn at_once(a: &Action, b: &Action) -> bool {
+    matches!(
+        (a, b),
+        (Action::CreateClaim(_), Action::CreateClaim(_))
+            | (Action::CreatePod(_), Action::CreatePod(_))
+            | (Action::SetOnline { .. }, Action::SetOnline { .. })
+    )
+}
+
+async fn carry_out(ctx: &Context, ic: &IntegrationCluster, action: &Action) -> Result<(), Failure> {
     let ns = ic.namespace().unwrap_or_default();
     let pods: Api<Pod> = Api::namespaced(ctx.client.clone(), &ns);
     let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), &ns);
@@ -251,76 +335,94 @@ pub async fn execute(
         field_manager: Some(FIELD_MANAGER.into()),
         ..PostParams::default()
     };
-    for action in actions {
-        let write = |kind: &str, what: String| {
-            let kind = kind.to_owned();
-            move |source| Failure::Write { kind, what, source }
-        };
-        match action {
-            Action::CreateClaim(claim) => {
-                ignore_conflict(claims.create(&create, claim).await).map_err(write(
-                    "PersistentVolumeClaim",
-                    format!("create claim {}", claim.name_any()),
-                ))?;
+    let write = |kind: &str, what: String| {
+        let kind = kind.to_owned();
+        move |source| Failure::Write { kind, what, source }
+    };
+    let pod_store = &ctx.stores.pods;
+    let pod_key = |node: &str| ObjectRef::<Pod>::new(node).within(&ns);
+    match action {
+        Action::CreateClaim(claim) => {
+            let created = ignore_conflict(claims.create(&create, claim).await).map_err(write(
+                "PersistentVolumeClaim",
+                format!("create claim {}", claim.name_any()),
+            ))?;
+            if let Some(created) = created {
+                let after = created.resource_version();
+                let key = ObjectRef::from_obj(claim.as_ref());
+                stores::seen(&ctx.stores.claims, &key, None, after.as_deref()).await;
             }
-            Action::CreatePod(pod) => {
-                ignore_conflict(pods.create(&create, pod).await)
-                    .map_err(write("Pod", format!("create pod {}", pod.name_any())))?;
-                info!(cluster = %ic.name_any(), node = %pod.name_any(), "created pod");
+        }
+        Action::CreatePod(pod) => {
+            let created = ignore_conflict(pods.create(&create, pod).await)
+                .map_err(write("Pod", format!("create pod {}", pod.name_any())))?;
+            info!(cluster = %ic.name_any(), node = %pod.name_any(), "created pod");
+            if let Some(created) = created {
+                let after = created.resource_version();
+                stores::seen(pod_store, &pod_key(&pod.name_any()), None, after.as_deref()).await;
             }
-            Action::SetOnline { node, online } => {
-                set_online(&pods, node, *online)
+        }
+        Action::SetOnline { node, online } => {
+            let before = stores::version(pod_store, &pod_key(node));
+            let written = set_online(&pods, node, *online)
+                .await
+                .map_err(write("Pod", format!("set {node} online={online}")))?;
+            info!(cluster = %ic.name_any(), %node, online, "set online gate");
+            let after = written.resource_version();
+            stores::seen(pod_store, &pod_key(node), before, after.as_deref()).await;
+        }
+        Action::AskOffline { node, offline } => {
+            let desired = if *offline {
+                protocol::Desired::Offline
+            } else {
+                protocol::Desired::Online
+            };
+            let patch = desired.patch();
+            let before = stores::version(pod_store, &pod_key(node));
+            let written = pods
+                .patch(node, &super::merge_params(), &Patch::Merge(&patch))
+                .await
+                .map_err(write("Pod", format!("ask {node} to go {desired}")))?;
+            info!(cluster = %ic.name_any(), %node, %desired, "asked the agent");
+            let after = written.resource_version();
+            stores::seen(pod_store, &pod_key(node), before, after.as_deref()).await;
+        }
+        Action::DeletePod { node, departure } => {
+            let before = stores::version(pod_store, &pod_key(node));
+            ignore_missing(
+                pods.delete(node, &DeleteParams::default())
                     .await
-                    .map_err(write("Pod", format!("set {node} online={online}")))?;
-                info!(cluster = %ic.name_any(), %node, online, "set online gate");
-            }
-            Action::AskOffline { node, offline } => {
-                let desired = if *offline {
-                    protocol::Desired::Offline
-                } else {
-                    protocol::Desired::Online
-                };
-                let patch = desired.patch();
-                pods.patch(node, &super::merge_params(), &Patch::Merge(&patch))
+                    .map(|_| ()),
+            )
+            .map_err(write("Pod", format!("delete pod {node}")))?;
+            deleted(ctx, ic, node, departure).await;
+            stores::seen(pod_store, &pod_key(node), before, None).await;
+        }
+        Action::DeleteClaim { name } => {
+            ignore_missing(
+                claims
+                    .delete(name, &DeleteParams::default())
                     .await
-                    .map_err(write("Pod", format!("ask {node} to go {desired}")))?;
-                info!(cluster = %ic.name_any(), %node, %desired, "asked the agent");
-            }
-            Action::DeletePod { node, departure } => {
-                ignore_missing(
-                    pods.delete(node, &DeleteParams::default())
-                        .await
-                        .map(|_| ()),
-                )
-                .map_err(write("Pod", format!("delete pod {node}")))?;
-                deleted(ctx, ic, node, departure).await;
-            }
-            Action::DeleteClaim { name } => {
-                ignore_missing(
-                    claims
-                        .delete(name, &DeleteParams::default())
-                        .await
-                        .map(|_| ()),
-                )
-                .map_err(write(
-                    "PersistentVolumeClaim",
-                    format!("delete claim {name}"),
-                ))?;
-                publish(
-                    ctx,
-                    ic,
-                    EventType::Normal,
-                    "VolumeDeleted",
-                    format!("Deleted {name} (deletionPolicy: Delete)"),
-                )
-                .await;
-            }
+                    .map(|_| ()),
+            )
+            .map_err(write(
+                "PersistentVolumeClaim",
+                format!("delete claim {name}"),
+            ))?;
+            publish(
+                ctx,
+                ic,
+                EventType::Normal,
+                "VolumeDeleted",
+                format!("Deleted {name} (deletionPolicy: Delete)"),
+            )
+            .await;
         }
     }
     Ok(())
 }
 
-async fn set_online(pods: &Api<Pod>, node: &str, online: bool) -> Result<(), kube::Error> {
+async fn set_online(pods: &Api<Pod>, node: &str, online: bool) -> Result<Pod, kube::Error> {
     let (status, reason, message) = if online {
         ("True", "NodeOnline", "the operator put the node online")
     } else {
@@ -344,13 +446,13 @@ async fn set_online(pods: &Api<Pod>, node: &str, online: bool) -> Result<(), kub
         &Patch::Apply(&patch),
     )
     .await
-    .map(|_| ())
 }
 
-fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<(), kube::Error> {
+/// The created object; None when it already existed.
+fn ignore_conflict<T>(result: Result<T, kube::Error>) -> Result<Option<T>, kube::Error> {
     match result {
-        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
-        other => other.map(|_| ()),
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(None),
+        other => other.map(Some),
     }
 }
 

@@ -5,9 +5,8 @@
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use kube::ResourceExt;
-use kube::api::Api;
+use kube::runtime::reflector::{ObjectRef, Store};
 
-use super::Failure;
 use crate::api::{CacheMode, CacheStatus, IntegrationCluster, Mode};
 use crate::{naming, render};
 
@@ -23,20 +22,21 @@ pub struct View {
 
 /// Looks at the cache; `servers_exist` says whether the cluster already
 /// runs servers (then a missing cache is an outage, not a first start).
-pub async fn observe(
-    client: &kube::Client,
+/// `sets` are the StatefulSets the operator owns, as its watch sees them.
+pub fn observe(
+    sets: &Store<StatefulSet>,
     ic: &IntegrationCluster,
     servers_exist: bool,
-) -> Result<Option<View>, Failure> {
+) -> Option<View> {
     let Some(cache) = &ic.spec.cache else {
-        return Ok(None);
+        return None;
     };
     if ic.spec.mode != Mode::Stateful || cache.mode == CacheMode::None {
-        return Ok(None);
+        return None;
     }
     let urls = render::cache_urls(ic);
     if cache.mode == CacheMode::External {
-        return Ok(Some(View {
+        return Some(View {
             status: CacheStatus {
                 ready: true,
                 urls,
@@ -44,23 +44,17 @@ pub async fn observe(
             },
             problem: None,
             blocks_start: None,
-        }));
+        });
     }
     let name = naming::cache_service(&ic.name_any());
-    let sets: Api<StatefulSet> =
-        Api::namespaced(client.clone(), &ic.namespace().unwrap_or_default());
-    let set = sets.get_opt(&name).await.map_err(|source| Failure::Read {
-        kind: "StatefulSet".into(),
-        what: format!("StatefulSet {name}"),
-        source,
-    })?;
+    let set = sets.get(&ObjectRef::new(&name).within(&ic.namespace().unwrap_or_default()));
     let wanted = cache.managed.as_ref().map_or(1, |m| m.replicas);
     let ready = set
         .as_ref()
         .and_then(|s| s.status.as_ref())
         .and_then(|s| s.ready_replicas)
         .unwrap_or(0);
-    Ok(Some(verdict(&name, urls, ready, wanted, servers_exist)))
+    Some(verdict(&name, urls, ready, wanted, servers_exist))
 }
 
 fn verdict(name: &str, urls: Vec<String>, ready: i32, wanted: i32, servers_exist: bool) -> View {

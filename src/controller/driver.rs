@@ -26,6 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
+use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 use tracing::{info, warn};
 
@@ -33,6 +34,7 @@ use super::error::{Error, Failure, Step, at};
 use super::{
     Context, FIELD_MANAGER, RECONCILE_DEADLINE, RECONCILE_ERROR, RESYNC, RETRY, apply, backoff,
     cache, cleanup, conditions, cordoned, database, finalizer, listeners, plan, sources, status,
+    stores,
 };
 use crate::api::{IntegrationCluster, IntegrationClusterStatus, Phase, condition};
 use crate::render::{self, Rendered};
@@ -48,6 +50,12 @@ pub async fn reconcile(ic: Arc<IntegrationCluster>, ctx: Arc<Context>) -> Result
     let result = tokio::time::timeout(RECONCILE_DEADLINE, by_stage(&api, &ic, &ctx))
         .await
         .unwrap_or(Err(Error::Deadline(RECONCILE_DEADLINE)));
+    if let Err(e) = &result
+        && e.is_namespace_terminating()
+    {
+        info!(name = %name, %namespace, "namespace is being deleted: waiting for the cluster's deletion");
+        return Ok(Action::requeue(NAMESPACE_TERMINATING_RETRY));
+    }
     let conflict = result.as_ref().is_err_and(Error::is_conflict);
     if !conflict {
         record_outcome(&ctx, &ic, result.is_ok());
@@ -70,11 +78,13 @@ async fn by_stage(
 ) -> Result<Action, Error> {
     let finalizer = at(Step::Finalizer);
     match finalizer::stage(ic) {
-        // Adding the finalizer changes the object, which brings it back.
-        finalizer::Stage::Unprotected => finalizer::add(api, ic)
-            .await
-            .map(|()| Action::await_change())
-            .map_err(finalizer),
+        // The first reconcile of a new cluster: protected, then built in
+        // the same pass (waiting for the watch to bring the change back
+        // cost a round trip before anything was created).
+        finalizer::Stage::Unprotected => {
+            let protected = finalizer::add(api, ic).await.map_err(finalizer)?;
+            reconcile_cluster(&protected, ctx).await
+        }
         finalizer::Stage::Live => reconcile_cluster(ic, ctx).await,
         finalizer::Stage::Deleting => {
             match cleanup::run(ic, ctx).await.map_err(at(Step::Cleanup))? {
@@ -104,7 +114,10 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
     };
     apply(ctx, ic, cluster, &built, &refs).await?;
     let current = ic.status.clone().unwrap_or_default();
-    write_status(ctx, ic, &current, &built.status).await?;
+    let status_due = status_deferred(&current, &built.status, ctx.status_age(ic));
+    if status_due.is_none() {
+        write_status(ctx, ic, &current, &built.status).await?;
+    }
     for note in built.notes.iter() {
         let Note {
             kind,
@@ -122,7 +135,37 @@ async fn reconcile_cluster(ic: &IntegrationCluster, ctx: &Context) -> Result<Act
         }
         None => None,
     };
-    Ok(Action::requeue(next_look(&built, &shared, lock_break_in)))
+    let next = next_look(&built, &shared, lock_break_in);
+    Ok(Action::requeue(
+        status_due.map_or(next, |due| due.min(next)),
+    ))
+}
+
+/// How long a cluster in a namespace being deleted waits before it looks
+/// again, unless its own deletion wakes it first.
+const NAMESPACE_TERMINATING_RETRY: Duration = Duration::from_secs(30);
+
+/// A cluster's status is rewritten at most once per this while it only
+/// counts progress (a new phase or generation is written at once): while a
+/// cluster starts, every pod event changed a count, and each was a write.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
+/// When a status that differs only in progress within the same phase is
+/// written: None for now, else after how long. `age` is the time since the
+/// operator last wrote this cluster's status, if it remembers.
+fn status_deferred(
+    current: &IntegrationClusterStatus,
+    desired: &IntegrationClusterStatus,
+    age: Option<Duration>,
+) -> Option<Duration> {
+    let same_phase = desired.phase == current.phase
+        && desired.observed_generation == current.observed_generation;
+    match age {
+        Some(age) if same_phase && desired != current && age < STATUS_EVERY => {
+            Some(STATUS_EVERY - age)
+        }
+        _ => None,
+    }
 }
 
 /// What the cluster refers to, as read at the start of the reconcile.
@@ -141,14 +184,14 @@ struct Refs {
 /// Reads only: the stores, and GETs of what no store holds.
 async fn dereference(ic: &IntegrationCluster, ctx: &Context) -> Result<Refs, Failure> {
     // Only right after a start: the reconcile's deadline bounds the wait.
-    if ctx.stores.ready().await.is_err() || ctx.nodes.wait_until_ready().await.is_err() {
+    if !ctx.ready.clone().await {
         return Err(Failure::WatchStopped);
     }
     let pods = ctx.stores.pods(ic);
     Ok(Refs {
         others: ctx.store.state(),
         config_sources: sources::digest(&ctx.client, ic).await?,
-        cache: cache::observe(&ctx.client, ic, !pods.is_empty()).await?,
+        cache: cache::observe(&ctx.stores.shared.sets, ic, !pods.is_empty()),
         pods,
         claims: ctx.stores.claims(ic),
         leases: ctx.stores.leases(ic),
@@ -356,7 +399,7 @@ async fn apply(
         return Ok(());
     }
     let failed = at(Step::Apply);
-    apply::ensure_shared(ctx, ic, cluster, &built.rendered)
+    apply::ensure_shared(ctx, ic, &built.rendered)
         .await
         .map_err(&failed)?;
     let changed = apply::follow_deletion_policy(ctx, ic, &refs.claims)
@@ -366,9 +409,11 @@ async fn apply(
         let policy = format!("{:?}", ic.spec.deletion_policy);
         info!(name = %ic.name_any(), %policy, objects = ?changed, "ownership follows the deletion policy");
     }
-    apply::execute(ctx, ic, &built.plan.actions)
-        .await
-        .map_err(&failed)
+    let (access, actions) = futures::join!(
+        apply::ensure_agent_access(ctx, ic, cluster),
+        apply::execute(ctx, ic, &built.plan.actions)
+    );
+    access.and(actions).map_err(&failed)
 }
 
 /// When to look again: soon while nodes are on their way somewhere (pod
@@ -407,18 +452,29 @@ async fn write_status(
         "kind": IntegrationCluster::kind(&()),
         "status": desired,
     });
-    api.patch_status(
-        &name,
-        &PatchParams::apply(FIELD_MANAGER).force(),
-        &Patch::Apply(&patch),
+    let key = ObjectRef::from_obj(ic);
+    let before = stores::version(&ctx.store, &key);
+    let written = api
+        .patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|source| Failure::Write {
+            kind: "IntegrationCluster".into(),
+            what: format!("writing status of {name}"),
+            source,
+        })
+        .map_err(at(Step::Status))?;
+    stores::seen(
+        &ctx.store,
+        &key,
+        before,
+        written.resource_version().as_deref(),
     )
-    .await
-    .map_err(|source| Failure::Write {
-        kind: "IntegrationCluster".into(),
-        what: format!("writing status of {name}"),
-        source,
-    })
-    .map_err(at(Step::Status))?;
+    .await;
+    ctx.status_written(ic);
     if let Some(phase) = desired.phase {
         info!(namespace = %ic.namespace().unwrap_or_default(), %name, ?phase, "status updated");
     }
@@ -475,4 +531,42 @@ pub fn error_policy(ic: Arc<IntegrationCluster>, error: &Error, ctx: Arc<Context
     let delay = backoff(failures);
     warn!(name = %ic.name_any(), category = %error.category(), %error, failures, retry_in = ?delay, "reconcile failed");
     Action::requeue(delay)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(phase: Phase, ready: i32) -> IntegrationClusterStatus {
+        IntegrationClusterStatus {
+            phase: Some(phase),
+            observed_generation: Some(1),
+            ready_replicas: Some(ready),
+            ..IntegrationClusterStatus::default()
+        }
+    }
+
+    #[test]
+    fn progress_is_written_at_most_once_a_second_a_new_phase_at_once() {
+        let progressing = status(Phase::Progressing, 1);
+        let more = status(Phase::Progressing, 2);
+        let ready = status(Phase::Ready, 3);
+        let just = Some(Duration::from_millis(300));
+        assert_eq!(
+            status_deferred(&progressing, &more, just),
+            Some(Duration::from_millis(700))
+        );
+        assert_eq!(
+            status_deferred(&progressing, &more, Some(STATUS_EVERY)),
+            None
+        );
+        // Not written recently (or by another operator process): at once.
+        assert_eq!(status_deferred(&progressing, &more, None), None);
+        assert_eq!(status_deferred(&progressing, &ready, just), None);
+        let newer = IntegrationClusterStatus {
+            observed_generation: Some(2),
+            ..more.clone()
+        };
+        assert_eq!(status_deferred(&progressing, &newer, just), None);
+    }
 }

@@ -121,6 +121,23 @@ impl Error {
         )
     }
 
+    /// A write refused because the cluster's namespace is being deleted
+    /// (the namespace controller deletes the pods, the operator would
+    /// create them again). The cluster itself is deleted next; until then
+    /// the attempt is neither retried soon nor reported as Degraded.
+    pub fn is_namespace_terminating(&self) -> bool {
+        matches!(
+            self,
+            Error::In {
+                failure: Failure::Write {
+                    source: kube::Error::Api(status),
+                    ..
+                },
+                ..
+            } if status.code == 403 && status.message.contains("because it is being terminated")
+        )
+    }
+
     pub fn step(&self) -> Option<Step> {
         match self {
             Error::In { step, .. } => Some(*step),
@@ -177,6 +194,25 @@ mod tests {
             error.to_string(),
             "create pod q-0: pods \"q-0\" is forbidden (Forbidden)"
         );
+        assert!(!error.is_namespace_terminating());
+    }
+
+    #[test]
+    fn a_write_into_a_namespace_being_deleted_is_told_apart() {
+        let refused = kube::Error::Api(Box::new(kube::core::Status {
+            code: 403,
+            message: "pods \"q-0\" is forbidden: unable to create new content in namespace \
+                      n because it is being terminated"
+                .into(),
+            reason: "Forbidden".into(),
+            ..kube::core::Status::default()
+        }));
+        let write = Failure::Write {
+            kind: "Pod".into(),
+            what: "create pod q-0".into(),
+            source: refused,
+        };
+        assert!(at(Step::Apply)(write).is_namespace_terminating());
     }
 
     #[test]

@@ -33,7 +33,12 @@ pub fn stage(ic: &IntegrationCluster) -> Stage {
     }
 }
 
-pub async fn add(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> Result<(), Failure> {
+/// Returns the cluster as the API server now holds it, so the reconcile
+/// carries on with it instead of waiting for the watch to bring it back.
+pub async fn add(
+    api: &Api<IntegrationCluster>,
+    ic: &IntegrationCluster,
+) -> Result<IntegrationCluster, Failure> {
     let mut finalizers = ic.finalizers().to_vec();
     finalizers.push(FINALIZER.to_owned());
     write(api, ic, finalizers, "add the finalizer").await
@@ -46,7 +51,14 @@ pub async fn remove(api: &Api<IntegrationCluster>, ic: &IntegrationCluster) -> R
         .filter(|f| *f != FINALIZER)
         .cloned()
         .collect();
-    write(api, ic, finalizers, "remove the finalizer").await
+    match write(api, ic, finalizers, "remove the finalizer").await {
+        // Gone already (another finalizer was the last): nothing to release.
+        Err(Failure::Write {
+            source: kube::Error::Api(e),
+            ..
+        }) if e.code == 404 => Ok(()),
+        other => other.map(|_| ()),
+    }
 }
 
 async fn write(
@@ -54,7 +66,7 @@ async fn write(
     ic: &IntegrationCluster,
     finalizers: Vec<String>,
     what: &str,
-) -> Result<(), Failure> {
+) -> Result<IntegrationCluster, Failure> {
     let patch = serde_json::json!({
         "metadata": {
             "resourceVersion": ic.resource_version(),
@@ -71,8 +83,7 @@ async fn write(
         kind: "IntegrationCluster".into(),
         what: what.to_owned(),
         source,
-    })?;
-    Ok(())
+    })
 }
 
 #[cfg(test)]

@@ -74,6 +74,9 @@ pub struct Context {
     pub store: Store<IntegrationCluster>,
     /// Consecutive failed reconciles per cluster, for the retry backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// When the operator last wrote each cluster's status, for the recent
+    /// ones (`driver::status_deferred`).
+    pub status_writes: Mutex<HashMap<String, std::time::Instant>>,
     /// Cluster databases: provisioning results and connection pools.
     pub databases: database::Databases,
     pub metrics: Arc<crate::metrics::Metrics>,
@@ -83,6 +86,8 @@ pub struct Context {
     pub nodes: Store<Node>,
     /// The objects the clusters own, as the watches see them.
     pub stores: stores::Stores,
+    /// Whether those stores (and `nodes`) hold their first full lists.
+    pub ready: stores::Ready,
 }
 
 /// Kubernetes nodes marked unschedulable.
@@ -104,6 +109,20 @@ fn schedulable(node: &Node) -> Option<u64> {
 impl Context {
     fn key(ic: &IntegrationCluster) -> String {
         format!("{}/{}", ic.namespace().unwrap_or_default(), ic.name_any())
+    }
+
+    /// Time since this operator last wrote the cluster's status, if that
+    /// was recent (older entries are dropped: only recent ones matter).
+    fn status_age(&self, ic: &IntegrationCluster) -> Option<Duration> {
+        let writes = self.status_writes.lock().ok()?;
+        writes.get(&Self::key(ic)).map(std::time::Instant::elapsed)
+    }
+
+    fn status_written(&self, ic: &IntegrationCluster) {
+        if let Ok(mut writes) = self.status_writes.lock() {
+            writes.retain(|_, at| at.elapsed() < Duration::from_secs(10));
+            writes.insert(Self::key(ic), std::time::Instant::now());
+        }
     }
 }
 
@@ -208,6 +227,7 @@ pub async fn run(
     let (store, writer) = reflector::store();
     let clusters = watcher(api_for(watches.clone(), &scope), any())
         .default_backoff()
+        .modify(stores::slim)
         .reflect(writer)
         .applied_objects()
         .predicate_filter(
@@ -237,9 +257,11 @@ pub async fn run(
         client,
         store: controller.store(),
         failures: Mutex::default(),
+        status_writes: Mutex::default(),
         databases: database::Databases::default(),
         metrics,
         agent_image: settings.agent_image,
+        ready: stores.ready(nodes.clone()),
         nodes,
         stores,
     });
@@ -275,64 +297,88 @@ fn node_watch(
     let (nodes, writer) = reflector::store::<Node>();
     let changes = watcher(Api::<Node>::all(watches.clone()), any())
         .default_backoff()
+        .modify(stores::slim)
         .reflect(writer)
         .touched_objects()
         .predicate_filter(schedulable, PredicateConfig::default());
     (nodes, changes)
 }
 
-/// What the clusters own wakes its owner; pods, claims and Leases are
-/// also kept in stores the reconciles read instead of listing.
+/// What the clusters own wakes its owner, and is kept (slimmed) in the
+/// stores the reconciles read instead of the API server.
 fn owned_watches(
     controller: Controller<IntegrationCluster>,
     watches: &Client,
     scope: &Scope,
 ) -> (stores::Stores, Controller<IntegrationCluster>) {
     let owned = any().labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR));
-    let (pods, pod_writer) = reflector::store::<Pod>();
-    let (claims, claim_writer) = reflector::store::<PersistentVolumeClaim>();
-    let (leases, lease_writer) = reflector::store::<Lease>();
+    let watch = |c: &watcher::Config| (watches, scope, c.clone());
+    let (pods, pod_changes) = cached::<Pod>(watch(&owned), stores::slim_pod);
+    let (claims, claim_changes) = cached::<PersistentVolumeClaim>(watch(&owned), stores::slim);
+    let (leases, lease_changes) = cached::<Lease>(watch(&owned), stores::slim);
+    let (accounts, account_changes) = cached::<ServiceAccount>(watch(&owned), stores::slim);
+    let (roles, role_changes) = cached::<Role>(watch(&owned), stores::slim);
+    let (bindings, binding_changes) = cached::<RoleBinding>(watch(&owned), stores::slim);
+    let (config_maps, config_map_changes) = cached::<ConfigMap>(watch(&owned), stores::slim);
+    let (services, service_changes) = cached::<Service>(watch(&owned), stores::slim);
+    let (budgets, budget_changes) = cached::<PodDisruptionBudget>(watch(&owned), stores::slim);
+    let (sets, set_changes) = cached::<StatefulSet>(watch(&owned), stores::slim);
     let controller = controller
-        .owns_stream(
-            watcher(owned_api::<Pod>(watches, scope), owned.clone())
-                .default_backoff()
-                .reflect(pod_writer)
-                .touched_objects(),
-        )
-        .owns_stream(
-            watcher(
-                owned_api::<PersistentVolumeClaim>(watches, scope),
-                owned.clone(),
-            )
-            .default_backoff()
-            .reflect(claim_writer)
-            .touched_objects(),
-        )
+        .owns_stream(pod_changes)
+        .owns_stream(claim_changes)
         // Listener Leases wake the controller on a new holder or epoch,
         // not on every renewal.
         .owns_stream(
-            watcher(owned_api::<Lease>(watches, scope), owned.clone())
-                .default_backoff()
-                .reflect(lease_writer)
-                .touched_objects()
-                .predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
+            lease_changes.predicate_filter(listeners::holder_and_epoch, PredicateConfig::default()),
         )
-        .owns(owned_api::<Service>(watches, scope), owned.clone())
-        .owns(owned_api::<ConfigMap>(watches, scope), owned.clone())
-        .owns(
-            owned_api::<PodDisruptionBudget>(watches, scope),
-            owned.clone(),
-        )
-        .owns(owned_api::<ServiceAccount>(watches, scope), owned.clone())
-        .owns(owned_api::<Role>(watches, scope), owned.clone())
-        .owns(owned_api::<RoleBinding>(watches, scope), owned.clone())
-        .owns(owned_api::<StatefulSet>(watches, scope), owned);
+        .owns_stream(account_changes)
+        .owns_stream(role_changes)
+        .owns_stream(binding_changes)
+        .owns_stream(config_map_changes)
+        .owns_stream(service_changes)
+        .owns_stream(budget_changes)
+        .owns_stream(set_changes);
     let stores = stores::Stores {
         pods,
         claims,
         leases,
+        shared: stores::Shared {
+            accounts,
+            roles,
+            bindings,
+            config_maps,
+            services,
+            budgets,
+            sets,
+        },
     };
     (stores, controller)
+}
+
+/// A watch of `K` in the scope, its objects slimmed and kept in a store.
+fn cached<K>(
+    (client, scope, config): (&Client, &Scope, watcher::Config),
+    slim: fn(&mut K),
+) -> (
+    Store<K>,
+    impl futures::Stream<Item = Result<K, watcher::Error>> + Send + 'static,
+)
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let changes = watcher(owned_api::<K>(client, scope), config)
+        .default_backoff()
+        .modify(slim)
+        .reflect(writer)
+        .touched_objects();
+    (store, changes)
 }
 
 /// A Secret or ConfigMap a cluster refers to wakes that cluster when it
