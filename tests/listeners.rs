@@ -256,6 +256,77 @@ async fn a_terminated_holder_hands_over_within_a_retry_period() {
     delete_namespace(&b.client, &b.ns).await;
 }
 
+/// A holder that stops releases its Lease, and the contenders act on the
+/// release itself rather than on their next retry: with a retry period of
+/// 5 s, every hand-over, from the old server's disable (the release follows
+/// it) to the new server's enable, takes well under half a second. The
+/// agents run with their ServiceAccount's rights, so whatever they need to
+/// see the release must be in the Role the operator gives them.
+#[tokio::test]
+async fn a_released_lease_is_taken_over_at_once_not_on_the_next_retry() {
+    const TRIALS: usize = 4;
+    const PROMPT: Duration = Duration::from_millis(500);
+    let client = admin().await;
+    let ns = namespace(&client, "lsn-release").await;
+    let operator = Operator::start(&ns);
+    let (yaml, json) = single_listener("l", 3, "orders-in", (15, 10, 5));
+    create_yaml(&client, &ns, &yaml).await.expect("create");
+    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+    status_when(&api, "l", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+    let kubeconfig =
+        service_account_kubeconfig(&ns, &integration_operator::naming::agent_account("l"));
+    let mut extra = vec!["--listeners", json.as_str()];
+    extra.extend_from_slice(&HOOKS);
+    let start = |pod: &str, server: &StandIn| {
+        Operator::agent_via(&ns, pod, &server.address, &extra, &kubeconfig)
+    };
+    let mut servers = Vec::new();
+    for _ in 0..3 {
+        servers.push(StandIn::start().await);
+    }
+    let agents = (0..3)
+        .map(|i| Some(start(&format!("l-{i}"), &servers[i])))
+        .collect();
+    let mut b = Bed {
+        client: client.clone(),
+        ns: ns.clone(),
+        api,
+        servers,
+        agents,
+        _operator: operator,
+    };
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let old = b.holder().await;
+        // Every contender is up and following the Lease.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stopped = SystemTime::now();
+        let agent = b.agents[old].as_mut().expect("agent");
+        agent.signal("TERM");
+        assert!(agent.wait_exit(Duration::from_secs(10)).await);
+        let disabled = b.servers[old]
+            .lock()
+            .listener
+            .iter()
+            .find(|c| c.action == ListenerAction::Disable && c.at >= stopped)
+            .map(|c| c.at)
+            .expect("a terminating holder disables its listener");
+        let (new, at, _) = b.next_enable(old, stopped, Duration::from_secs(20)).await;
+        eprintln!(
+            "trial {trial}: l-{old} → l-{new} in {:?}",
+            elapsed(disabled, at)
+        );
+        took.push(elapsed(disabled, at));
+        b.agents[old] = Some(start(&format!("l-{old}"), &b.servers[old]));
+    }
+    b.assert_never_two();
+    assert!(
+        took.iter().all(|t| *t < PROMPT),
+        "hand-overs after the release took {took:?}; the retry period is 5 s"
+    );
+    delete_namespace(&client, &ns).await;
+}
+
 #[tokio::test]
 async fn a_frozen_holder_never_listens_beside_its_successor() {
     let b = bed("lsn-stop", None).await;
@@ -1135,6 +1206,7 @@ async fn a_listener_whose_task_died_holding_it_is_disabled_and_its_lease_release
     let server = StandIn::start().await;
     let hook = |p: &str| Some(format!("/listener/{p}"));
     let listeners = Arc::new(Listeners::new(
+        leases.clone(),
         leases,
         holder_identity("l-0", "a1"),
         "l".into(),
