@@ -256,47 +256,80 @@ async fn a_terminated_holder_hands_over_within_a_retry_period() {
     delete_namespace(&b.client, &b.ns).await;
 }
 
+/// A [`Bed`] whose agents run with their ServiceAccount's rights, as in a
+/// pod, so whatever they need must be in the Role the operator gives them;
+/// the listener has the given (lease, renew deadline, retry) seconds.
+struct AccountBed {
+    b: Bed,
+    extra: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+impl AccountBed {
+    async fn start(prefix: &str, timings: (i32, i32, i32)) -> Self {
+        let client = admin().await;
+        let ns = namespace(&client, prefix).await;
+        let operator = Operator::start(&ns);
+        let (yaml, json) = single_listener("l", 3, "orders-in", timings);
+        create_yaml(&client, &ns, &yaml).await.expect("create");
+        let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+        status_when(&api, "l", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+        let kubeconfig =
+            service_account_kubeconfig(&ns, &integration_operator::naming::agent_account("l"));
+        let mut extra = vec!["--listeners".to_owned(), json];
+        extra.extend(HOOKS.iter().map(|h| (*h).to_owned()));
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            servers.push(StandIn::start().await);
+        }
+        let mut bed = AccountBed {
+            b: Bed {
+                client,
+                ns,
+                api,
+                servers,
+                agents: Vec::new(),
+                _operator: operator,
+            },
+            extra,
+            kubeconfig,
+        };
+        for i in 0..3 {
+            let agent = bed.agent(i);
+            bed.b.agents.push(Some(agent));
+        }
+        bed
+    }
+
+    fn agent(&self, i: usize) -> Operator {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        Operator::agent_via(
+            &self.b.ns,
+            &format!("l-{i}"),
+            &self.b.servers[i].address,
+            &extra,
+            &self.kubeconfig,
+        )
+    }
+
+    /// Starts node `i`'s agent again (same pod, so the same holder).
+    fn restart(&mut self, i: usize) {
+        self.b.agents[i] = Some(self.agent(i));
+    }
+}
+
 /// A holder that stops releases its Lease, and the contenders act on the
 /// release itself rather than on their next retry: with a retry period of
 /// 5 s, every hand-over, from the old server's disable (the release follows
-/// it) to the new server's enable, takes well under half a second. The
-/// agents run with their ServiceAccount's rights, so whatever they need to
-/// see the release must be in the Role the operator gives them.
+/// it) to the new server's enable, takes well under half a second.
 #[tokio::test]
 async fn a_released_lease_is_taken_over_at_once_not_on_the_next_retry() {
     const TRIALS: usize = 4;
     const PROMPT: Duration = Duration::from_millis(500);
-    let client = admin().await;
-    let ns = namespace(&client, "lsn-release").await;
-    let operator = Operator::start(&ns);
-    let (yaml, json) = single_listener("l", 3, "orders-in", (15, 10, 5));
-    create_yaml(&client, &ns, &yaml).await.expect("create");
-    let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
-    status_when(&api, "l", "Ready", |s| s.phase == Some(Phase::Ready)).await;
-    let kubeconfig =
-        service_account_kubeconfig(&ns, &integration_operator::naming::agent_account("l"));
-    let mut extra = vec!["--listeners", json.as_str()];
-    extra.extend_from_slice(&HOOKS);
-    let start = |pod: &str, server: &StandIn| {
-        Operator::agent_via(&ns, pod, &server.address, &extra, &kubeconfig)
-    };
-    let mut servers = Vec::new();
-    for _ in 0..3 {
-        servers.push(StandIn::start().await);
-    }
-    let agents = (0..3)
-        .map(|i| Some(start(&format!("l-{i}"), &servers[i])))
-        .collect();
-    let mut b = Bed {
-        client: client.clone(),
-        ns: ns.clone(),
-        api,
-        servers,
-        agents,
-        _operator: operator,
-    };
+    let mut bed = AccountBed::start("lsn-release", (15, 10, 5)).await;
     let mut took = Vec::new();
     for trial in 0..TRIALS {
+        let b = &mut bed.b;
         let old = b.holder().await;
         // Every contender is up and following the Lease.
         tokio::time::sleep(Duration::from_secs(2)).await;
@@ -317,14 +350,68 @@ async fn a_released_lease_is_taken_over_at_once_not_on_the_next_retry() {
             elapsed(disabled, at)
         );
         took.push(elapsed(disabled, at));
-        b.agents[old] = Some(start(&format!("l-{old}"), &b.servers[old]));
+        bed.restart(old);
     }
-    b.assert_never_two();
+    bed.b.assert_never_two();
     assert!(
         took.iter().all(|t| *t < PROMPT),
         "hand-overs after the release took {took:?}; the retry period is 5 s"
     );
-    delete_namespace(&client, &ns).await;
+    delete_namespace(&bed.b.client, &bed.b.ns).await;
+}
+
+/// A killed holder releases nothing; its Lease is taken over the moment
+/// it runs out on a contender's clock, counted from the renewal the
+/// contender saw (on the watch, as it was written), not at the next retry
+/// after that: with lease 8 s and retry 5 s, within half a second of
+/// lease from the last renewal's hook call. Never earlier than the lease
+/// allows: the new server starts at least lease − renew deadline after the
+/// `until` the old one was last given.
+#[tokio::test]
+async fn a_killed_holders_lease_is_taken_the_moment_it_runs_out() {
+    const TRIALS: usize = 2;
+    const LONG_LEASE: Duration = Duration::from_secs(8);
+    const LONG_RENEW: Duration = Duration::from_secs(6);
+    let mut bed = AccountBed::start("lsn-expiry", (8, 6, 5)).await;
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let b = &mut bed.b;
+        let old = b.holder().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let killed = SystemTime::now();
+        let agent = b.agents[old].as_mut().expect("agent");
+        agent.signal("KILL");
+        assert!(agent.wait_exit(Duration::from_secs(5)).await);
+        let (renewed, until) = b.servers[old]
+            .lock()
+            .listener
+            .iter()
+            .filter(|c| c.action != ListenerAction::Disable && c.at < killed)
+            .map(|c| (c.at, c.until))
+            .max()
+            .expect("the holder's renewals");
+        let until = until.expect("renewals carry until");
+        let (new, at, _) = b.next_enable(old, killed, Duration::from_secs(30)).await;
+        eprintln!(
+            "trial {trial}: l-{old} → l-{new} {:?} after the last renewal, {:?} after its until",
+            elapsed(renewed, at),
+            elapsed(until, at)
+        );
+        assert!(
+            at >= until + (LONG_LEASE - LONG_RENEW),
+            "l-{new} listened {:?} after l-{old}'s until",
+            elapsed(until, at)
+        );
+        took.push(elapsed(renewed, at));
+        bed.restart(old);
+    }
+    bed.b.assert_never_two();
+    assert!(
+        took.iter()
+            .all(|t| *t <= LONG_LEASE + Duration::from_millis(500)),
+        "takeovers {took:?} after the last renewal; the lease is {LONG_LEASE:?}, the retry 5 s"
+    );
+    delete_namespace(&bed.b.client, &bed.b.ns).await;
 }
 
 #[tokio::test]
