@@ -611,7 +611,7 @@ async fn clusters_whose_lease_names_once_collided_get_a_lease_each_and_cannot_to
                 "no",
             ),
         ] {
-            for verb in ["get", "update"] {
+            for verb in ["get", "list", "watch", "update"] {
                 let out = kubectl_output(&[
                     "auth",
                     "can-i",
