@@ -14,7 +14,8 @@
 //! A candidate's listener is enabled from an enable until the earlier of
 //! its next disable and the last `until` it was given (each enable refreshes
 //! `until`). Per trial the holder is killed (SIGKILL) and, once a single
-//! holder is stable again, stopped (SIGTERM); the time to the first enable
+//! holder is stable again, stopped (SIGTERM), each signal at a random point
+//! of the retry period (see [`phase`]); the time to the first enable
 //! by another candidate is the failover or hand-over time. Overlap is the
 //! time two candidates were enabled at once.
 //!
@@ -339,6 +340,22 @@ fn last_epoch(calls: &[Call], holder: usize, t0: Instant) -> Option<i64> {
         .and_then(|c| c.epoch)
 }
 
+/// The pause before a signal, from a random number: somewhere in a retry
+/// period. Holders renew every retry period, and a holder counts as stable
+/// a fixed time after its first enable, so without it every trial would
+/// signal at the same point after a renewal (and after the contenders'
+/// retries) and measure that one case over and over.
+fn phase(random: u32) -> Duration {
+    let period = u32::try_from(RETRY_PERIOD.as_millis()).unwrap_or(u32::MAX);
+    Duration::from_millis(u64::from(random % period.max(1)))
+}
+
+async fn at_random_phase() -> Result<()> {
+    let random = getrandom::u32().map_err(|e| anyhow!("no random number: {e}"))?;
+    tokio::time::sleep(phase(random)).await;
+    Ok(())
+}
+
 // ---------------------------------------------------------------- processes
 
 /// How to start one candidate (again).
@@ -609,6 +626,7 @@ impl System {
         let mut holder = self.stable_holder().await?;
         for trial in 1..=trials {
             // (a) SIGKILL the holder.
+            at_random_phase().await?;
             let name = self.launches[holder].name.clone();
             eprintln!(
                 "[bench] {} trial {trial}/{trials}: SIGKILL {name}",
@@ -624,6 +642,7 @@ impl System {
             holder = self.stable_holder().await?;
 
             // (b) SIGTERM the holder: it should hand over at once.
+            at_random_phase().await?;
             let name = self.launches[holder].name.clone();
             eprintln!(
                 "[bench] {} trial {trial}/{trials}: SIGTERM {name}",
@@ -1197,6 +1216,15 @@ mod tests {
         let ahead = until - at;
         assert!(ahead <= ms(10_000) && ahead > ms(9_000), "{ahead:?}");
         assert_eq!(recorded[1].hook, Hook::Disable);
+    }
+
+    #[test]
+    fn signals_land_anywhere_in_a_retry_period_and_only_there() {
+        assert_eq!(phase(0), Duration::ZERO);
+        assert_eq!(phase(1_999), ms(1_999));
+        assert_eq!(phase(2_000), Duration::ZERO);
+        assert_eq!(phase(2_001), ms(1));
+        assert!(phase(u32::MAX) < RETRY_PERIOD);
     }
 
     #[test]
