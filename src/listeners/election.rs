@@ -90,8 +90,8 @@ pub fn expires_at(me: &str, record: &Record, observed_at: Instant) -> Option<Ins
 /// the next retry: a free Lease, to a contender that does not hold it. A
 /// holder releases only once its server confirmed the disable, so taking
 /// a free Lease at once is as safe as taking it a retry period later.
-pub fn take_on_sight(me: &str, record: &Record, contending: bool, holding: bool) -> bool {
-    contending && !holding && record.free() && !record.held_by(me)
+pub fn take_on_sight(record: &Record, contending: bool, holding: bool) -> bool {
+    contending && !holding && record.free()
 }
 
 /// Whether a holder whose last successful renewal started at `last_renew`
@@ -203,15 +203,15 @@ mod tests {
             holder: Some(String::new()),
             ..held("b")
         };
-        assert!(take_on_sight("a", &released, true, false));
-        assert!(take_on_sight("a", &Record::default(), true, false));
+        assert!(take_on_sight(&released, true, false));
+        assert!(take_on_sight(&Record::default(), true, false));
         // Held by another: its expiry, not the watch, decides.
-        assert!(!take_on_sight("a", &held("b"), true, false));
+        assert!(!take_on_sight(&held("b"), true, false));
         // The holder's own renewals wake nobody, nor does anything wake a
         // node that does not contend.
-        assert!(!take_on_sight("a", &held("a"), true, true));
-        assert!(!take_on_sight("a", &released, false, false));
-        assert!(!take_on_sight("a", &released, true, true));
+        assert!(!take_on_sight(&held("a"), true, true));
+        assert!(!take_on_sight(&released, false, false));
+        assert!(!take_on_sight(&released, true, true));
     }
 
     #[test]

@@ -389,12 +389,7 @@ impl Election<'_> {
     fn sight(&mut self, lease: &Lease, wanted: bool) -> bool {
         let record = crate::lease::record_of(lease);
         self.observe(&record);
-        election::take_on_sight(
-            &self.listeners.me,
-            &record,
-            wanted,
-            self.fence.held.is_some(),
-        )
+        election::take_on_sight(&record, wanted, self.fence.held.is_some())
     }
 
     /// When to take the next turn: at `retry_at`, or, for a contender,
