@@ -66,7 +66,8 @@ pub async fn write(
 }
 
 /// Gives the Lease up at once (no holder), so the next contender takes it
-/// on its next retry instead of waiting for expiry.
+/// as soon as it sees the release (listener contenders watch their Lease)
+/// or on its next retry, instead of waiting for expiry.
 pub async fn release(api: &Api<Lease>, mut lease: Lease, manager: &str, timings: &Timings) {
     let spec = lease.spec.get_or_insert_with(Default::default);
     spec.holder_identity = None;

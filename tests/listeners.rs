@@ -256,6 +256,169 @@ async fn a_terminated_holder_hands_over_within_a_retry_period() {
     delete_namespace(&b.client, &b.ns).await;
 }
 
+/// A [`Bed`] whose agents run with their ServiceAccount's rights, as in a
+/// pod, so whatever they need must be in the Role the operator gives them;
+/// the listener has the given (lease, renew deadline, retry) seconds.
+struct AccountBed {
+    b: Bed,
+    extra: Vec<String>,
+    kubeconfig: PathBuf,
+}
+
+impl AccountBed {
+    async fn start(prefix: &str, timings: (i32, i32, i32)) -> Self {
+        let client = admin().await;
+        let ns = namespace(&client, prefix).await;
+        let operator = Operator::start(&ns);
+        let (yaml, json) = single_listener("l", 3, "orders-in", timings);
+        create_yaml(&client, &ns, &yaml).await.expect("create");
+        let api: Api<IntegrationCluster> = Api::namespaced(client.clone(), &ns);
+        status_when(&api, "l", "Ready", |s| s.phase == Some(Phase::Ready)).await;
+        let kubeconfig =
+            service_account_kubeconfig(&ns, &integration_operator::naming::agent_account("l"));
+        let mut extra = vec!["--listeners".to_owned(), json];
+        extra.extend(HOOKS.iter().map(|h| (*h).to_owned()));
+        let mut servers = Vec::new();
+        for _ in 0..3 {
+            servers.push(StandIn::start().await);
+        }
+        let mut bed = AccountBed {
+            b: Bed {
+                client,
+                ns,
+                api,
+                servers,
+                agents: Vec::new(),
+                _operator: operator,
+            },
+            extra,
+            kubeconfig,
+        };
+        for i in 0..3 {
+            let agent = bed.agent(i);
+            bed.b.agents.push(Some(agent));
+        }
+        bed
+    }
+
+    fn agent(&self, i: usize) -> Operator {
+        let extra: Vec<&str> = self.extra.iter().map(String::as_str).collect();
+        Operator::agent_via(
+            &self.b.ns,
+            &format!("l-{i}"),
+            &self.b.servers[i].address,
+            &extra,
+            &self.kubeconfig,
+        )
+    }
+
+    /// Starts node `i`'s agent again (same pod, so the same holder).
+    fn restart(&mut self, i: usize) {
+        self.b.agents[i] = Some(self.agent(i));
+    }
+}
+
+/// A holder that stops releases its Lease, and the contenders act on the
+/// release itself rather than on their next retry: with a retry period of
+/// 30 s, every hand-over, from the old server's disable (the release
+/// follows it) to the new server's enable, takes under 3 s (tens of
+/// milliseconds unless the API server is busy). Retrying, the first of
+/// two contenders would come within 3 s of the release in one trial in
+/// five, so four such trials in a row happen by chance about once in 800.
+#[tokio::test]
+async fn a_released_lease_is_taken_over_at_once_not_on_the_next_retry() {
+    const TRIALS: usize = 4;
+    const PROMPT: Duration = Duration::from_secs(3);
+    let mut bed = AccountBed::start("lsn-release", (45, 40, 30)).await;
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let b = &mut bed.b;
+        let old = b.holder().await;
+        // Every contender is up and following the Lease.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let stopped = SystemTime::now();
+        let agent = b.agents[old].as_mut().expect("agent");
+        agent.signal("TERM");
+        assert!(agent.wait_exit(Duration::from_secs(10)).await);
+        let disabled = b.servers[old]
+            .lock()
+            .listener
+            .iter()
+            .find(|c| c.action == ListenerAction::Disable && c.at >= stopped)
+            .map(|c| c.at)
+            .expect("a terminating holder disables its listener");
+        let (new, at, _) = b.next_enable(old, stopped, Duration::from_secs(60)).await;
+        eprintln!(
+            "trial {trial}: l-{old} → l-{new} in {:?}",
+            elapsed(disabled, at)
+        );
+        took.push(elapsed(disabled, at));
+        bed.restart(old);
+    }
+    bed.b.assert_never_two();
+    assert!(
+        took.iter().all(|t| *t < PROMPT),
+        "hand-overs after the release took {took:?}; the retry period is 30 s"
+    );
+    delete_namespace(&bed.b.client, &bed.b.ns).await;
+}
+
+/// A killed holder releases nothing; its Lease is taken over the moment
+/// it runs out on a contender's clock, counted from the renewal the
+/// contender saw (on the watch, as it was written), not at the next retry
+/// after that: with lease 10 s and retry 8 s, within 3 s of lease from the
+/// last renewal's hook call (API latency on a busy machine included).
+/// Retrying, it would take 16 s at least: the first turn a lease after the
+/// one that saw the renewal is two retry periods later. Never earlier than the lease allows: the new server
+/// starts at least lease − renew deadline after the `until` the old one
+/// was last given.
+#[tokio::test]
+async fn a_killed_holders_lease_is_taken_the_moment_it_runs_out() {
+    const TRIALS: usize = 2;
+    const LONG_LEASE: Duration = Duration::from_secs(10);
+    const LONG_RENEW: Duration = Duration::from_secs(9);
+    let mut bed = AccountBed::start("lsn-expiry", (10, 9, 8)).await;
+    let mut took = Vec::new();
+    for trial in 0..TRIALS {
+        let b = &mut bed.b;
+        let old = b.holder().await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let killed = SystemTime::now();
+        let agent = b.agents[old].as_mut().expect("agent");
+        agent.signal("KILL");
+        assert!(agent.wait_exit(Duration::from_secs(5)).await);
+        let (renewed, until) = b.servers[old]
+            .lock()
+            .listener
+            .iter()
+            .filter(|c| c.action != ListenerAction::Disable && c.at < killed)
+            .map(|c| (c.at, c.until))
+            .max()
+            .expect("the holder's renewals");
+        let until = until.expect("renewals carry until");
+        let (new, at, _) = b.next_enable(old, killed, Duration::from_secs(45)).await;
+        eprintln!(
+            "trial {trial}: l-{old} → l-{new} {:?} after the last renewal, {:?} after its until",
+            elapsed(renewed, at),
+            elapsed(until, at)
+        );
+        assert!(
+            at >= until + (LONG_LEASE - LONG_RENEW),
+            "l-{new} listened {:?} after l-{old}'s until",
+            elapsed(until, at)
+        );
+        took.push(elapsed(renewed, at));
+        bed.restart(old);
+    }
+    bed.b.assert_never_two();
+    assert!(
+        took.iter()
+            .all(|t| *t <= LONG_LEASE + Duration::from_secs(3)),
+        "takeovers {took:?} after the last renewal; the lease is {LONG_LEASE:?}, the retry 8 s"
+    );
+    delete_namespace(&bed.b.client, &bed.b.ns).await;
+}
+
 #[tokio::test]
 async fn a_frozen_holder_never_listens_beside_its_successor() {
     let b = bed("lsn-stop", None).await;
@@ -453,7 +616,7 @@ async fn clusters_whose_lease_names_once_collided_get_a_lease_each_and_cannot_to
                 "no",
             ),
         ] {
-            for verb in ["get", "update"] {
+            for verb in ["get", "list", "watch", "update"] {
                 let out = kubectl_output(&[
                     "auth",
                     "can-i",
@@ -1135,6 +1298,7 @@ async fn a_listener_whose_task_died_holding_it_is_disabled_and_its_lease_release
     let server = StandIn::start().await;
     let hook = |p: &str| Some(format!("/listener/{p}"));
     let listeners = Arc::new(Listeners::new(
+        leases.clone(),
         leases,
         holder_identity("l-0", "a1"),
         "l".into(),

@@ -299,6 +299,7 @@ impl Running<'_> {
             );
             let listeners = Arc::new(Listeners::new(
                 Api::namespaced(agent.requests.clone(), &agent.namespace),
+                Api::namespaced(agent.watches.clone(), &agent.namespace),
                 me,
                 cluster,
                 agent.hooks.clone(),

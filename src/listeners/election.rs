@@ -70,12 +70,28 @@ pub fn next(me: &str, record: &Record, observed_at: Instant, now: Instant) -> Ne
     if record.free() {
         return Next::Acquire;
     }
-    let lease = Duration::from_secs(u64::try_from(record.duration_seconds.max(1)).unwrap_or(1));
-    if now.duration_since(observed_at) >= lease {
-        Next::Acquire
-    } else {
-        Next::Wait
+    match expires_at(me, record, observed_at) {
+        Some(at) if now < at => Next::Wait,
+        _ => Next::Acquire,
     }
+}
+
+/// When another holder's lease, first seen as it is now at `observed_at`,
+/// runs out on this reader's clock; None when it is free or this agent's.
+pub fn expires_at(me: &str, record: &Record, observed_at: Instant) -> Option<Instant> {
+    if record.held_by(me) || record.free() {
+        return None;
+    }
+    let lease = Duration::from_secs(u64::try_from(record.duration_seconds.max(1)).unwrap_or(1));
+    Some(observed_at + lease)
+}
+
+/// Whether a Lease seen on the watch is worth a turn now rather than at
+/// the next retry: a free Lease, to a contender that does not hold it. A
+/// holder releases only once its server confirmed the disable, so taking
+/// a free Lease at once is as safe as taking it a retry period later.
+pub fn take_on_sight(record: &Record, contending: bool, holding: bool) -> bool {
+    contending && !holding && record.free()
 }
 
 /// Whether a holder whose last successful renewal started at `last_renew`
@@ -163,6 +179,39 @@ mod tests {
         let later = |s| seen + Duration::from_secs(s);
         assert_eq!(next("a", &held("b"), seen, later(14)), Next::Wait);
         assert_eq!(next("a", &held("b"), seen, later(15)), Next::Acquire);
+    }
+
+    #[test]
+    fn another_holders_lease_runs_out_a_lease_duration_after_it_was_seen() {
+        let seen = Instant::now();
+        assert_eq!(
+            expires_at("a", &held("b"), seen),
+            Some(seen + Duration::from_secs(15))
+        );
+        assert_eq!(expires_at("a", &held("a"), seen), None);
+        assert_eq!(expires_at("a", &Record::default(), seen), None);
+        // The turn at that instant takes it.
+        assert_eq!(
+            next("a", &held("b"), seen, seen + Duration::from_secs(15)),
+            Next::Acquire
+        );
+    }
+
+    #[test]
+    fn only_a_free_lease_seen_by_a_contender_not_holding_it_is_taken_at_once() {
+        let released = Record {
+            holder: Some(String::new()),
+            ..held("b")
+        };
+        assert!(take_on_sight(&released, true, false));
+        assert!(take_on_sight(&Record::default(), true, false));
+        // Held by another: its expiry, not the watch, decides.
+        assert!(!take_on_sight(&held("b"), true, false));
+        // The holder's own renewals wake nobody, nor does anything wake a
+        // node that does not contend.
+        assert!(!take_on_sight(&held("a"), true, true));
+        assert!(!take_on_sight(&released, false, false));
+        assert!(!take_on_sight(&released, true, true));
     }
 
     #[test]

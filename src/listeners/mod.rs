@@ -7,12 +7,14 @@
 //!   holder enables the listener on its server with the fencing epoch (the
 //!   Lease's `leaseTransitions`), renews every retry period, and disables it
 //!   when it cannot renew within the renew deadline, when its node goes
-//!   offline, or when it shuts down. It releases the Lease at once (another
-//!   node takes over within a retry period) only when the server confirmed
-//!   the disable; otherwise it keeps trying until its renew deadline and
-//!   leaves the Lease to run out, so the next holder starts a whole lease
-//!   duration after the last renewal, when the server's own `until` has
-//!   long passed.
+//!   offline, or when it shuts down. It releases the Lease at once only when
+//!   the server confirmed the disable; otherwise it keeps trying until its
+//!   renew deadline and leaves the Lease to run out, so the next holder
+//!   starts a whole lease duration after the last renewal, when the
+//!   server's own `until` has long passed. Contenders watch their Lease: a
+//!   release is taken over as soon as it is seen, another holder's Lease
+//!   is tried again the moment it runs out on the contender's clock, and
+//!   the retry period is only the fallback when the watch is away.
 //! - multiNode: enabled on every online node; messages are claimed exactly
 //!   once in the cluster database (see [`claims`]).
 
@@ -23,8 +25,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use futures::StreamExt;
 use k8s_openapi::api::coordination::v1::Lease;
 use kube::api::Api;
+use kube::runtime::WatchStreamExt;
 use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
@@ -47,6 +51,8 @@ pub struct ListenerHooks {
 /// What every listener task of one agent shares.
 pub struct Listeners {
     leases: Api<Lease>,
+    /// The same Leases through the client for watches.
+    lease_watches: Api<Lease>,
     /// This agent's Lease holder identity (see [`holder_identity`]).
     me: String,
     /// The cluster's name (the IntegrationCluster's metadata.name).
@@ -63,6 +69,7 @@ pub struct Listeners {
 impl Listeners {
     pub fn new(
         leases: Api<Lease>,
+        lease_watches: Api<Lease>,
         me: String,
         cluster: String,
         hooks: Hooks,
@@ -70,6 +77,7 @@ impl Listeners {
     ) -> Self {
         Listeners {
             leases,
+            lease_watches,
             me,
             cluster,
             hooks,
@@ -269,6 +277,17 @@ async fn single(
         fence: Fence::default(),
         seen: None,
     };
+    // The Lease as the API server changes it: a release reaches the
+    // contenders at once instead of at their next retry. A watch that
+    // breaks backs off and resumes; the retries go on meanwhile.
+    let changes =
+        kube::runtime::watcher::watch_object(listeners.lease_watches.clone(), &election.lease)
+            .default_backoff()
+            .fuse();
+    let mut changes = std::pin::pin!(changes);
+    // A Lease seen on the watch that the next turn acts on without
+    // reading it again.
+    let mut sighted: Option<Lease> = None;
     loop {
         // Fencing comes first: a holder past its renew deadline stops
         // listening before anything else, also right after waking from a
@@ -280,16 +299,34 @@ async fn single(
             election.step_down().await;
         }
         let stopping = *shutdown.borrow();
-        election.turn(*eligible.borrow() && !stopping).await;
+        election
+            .turn(*eligible.borrow() && !stopping, sighted.take())
+            .await;
         if stopping {
             // Whatever the API said, the server stops listening.
             election.step_down().await;
             return;
         }
-        tokio::select! {
-            _ = tokio::time::sleep(election.pause()) => {}
-            _ = eligible.changed() => {}
-            _ = shutdown.changed() => {}
+        let retry_at = Instant::now() + election.pause();
+        loop {
+            let wake = election.wake(retry_at, *eligible.borrow());
+            tokio::select! {
+                () = tokio::time::sleep_until(wake.into()) => break,
+                _ = eligible.changed() => break,
+                _ = shutdown.changed() => break,
+                Some(change) = changes.next() => match change {
+                    Ok(Some(lease)) => {
+                        if election.sight(&lease, *eligible.borrow()) {
+                            sighted = Some(lease);
+                            break;
+                        }
+                    }
+                    // Gone: the next turn finds out and steps down.
+                    Ok(None) => {}
+                    Err(e) => warn!(listener = %spec.name, error = %e,
+                        "watching the lease failed; retrying meanwhile"),
+                },
+            }
         }
     }
 }
@@ -307,9 +344,15 @@ struct Election<'a> {
 }
 
 impl Election<'_> {
-    /// Reads the Lease and acts on it; `wanted` says whether this node
-    /// contends at all.
-    async fn turn(&mut self, wanted: bool) {
+    /// Reads the Lease (unless the watch just showed it) and acts on it;
+    /// `wanted` says whether this node contends at all.
+    async fn turn(&mut self, wanted: bool, sighted: Option<Lease>) {
+        if let Some(lease) = sighted {
+            // As current as a read, and every write carries its
+            // resourceVersion: a Lease that changed since is a conflict.
+            self.decide(lease, wanted).await;
+            return;
+        }
         let read = self.listeners.leases.get_opt(&self.lease);
         match tokio::time::timeout(self.timings.retry, read).await {
             Ok(Ok(Some(lease))) => self.decide(lease, wanted).await,
@@ -328,13 +371,44 @@ impl Election<'_> {
         }
     }
 
-    async fn decide(&mut self, lease: Lease, wanted: bool) {
-        let record = crate::lease::record_of(&lease);
+    /// Notes `record` as seen now, unless it is what was seen before;
+    /// returns when it was first seen so.
+    fn observe(&mut self, record: &Record) -> Instant {
         let observed_at = match &self.seen {
-            Some((r, at)) if *r == record => *at,
+            Some((r, at)) if r == record => *at,
             _ => Instant::now(),
         };
         self.seen = Some((record.clone(), observed_at));
+        observed_at
+    }
+
+    /// Takes in a Lease seen on the watch; true when the election should
+    /// act on it now. Seeing another holder's renewals as they happen
+    /// only moves its expiry later than a read would, never earlier: each
+    /// is seen after it was written.
+    fn sight(&mut self, lease: &Lease, wanted: bool) -> bool {
+        let record = crate::lease::record_of(lease);
+        self.observe(&record);
+        election::take_on_sight(&record, wanted, self.fence.held.is_some())
+    }
+
+    /// When to take the next turn: at `retry_at`, or, for a contender,
+    /// when another holder's Lease last seen runs out if that is sooner.
+    /// An expiry already past (the turn at it did not win) counts no
+    /// more: the retries go on as before.
+    fn wake(&self, retry_at: Instant, wanted: bool) -> Instant {
+        let now = Instant::now();
+        self.seen
+            .as_ref()
+            .filter(|_| wanted)
+            .and_then(|(record, at)| election::expires_at(&self.listeners.me, record, *at))
+            .filter(|expiry| *expiry > now)
+            .map_or(retry_at, |expiry| expiry.min(retry_at))
+    }
+
+    async fn decide(&mut self, lease: Lease, wanted: bool) {
+        let record = crate::lease::record_of(&lease);
+        let observed_at = self.observe(&record);
         let me = self.listeners.me.as_str();
         let mine = record.holder.as_deref() == Some(me);
         if mine && self.fence.held.is_none() && self.fence.unconfirmed.is_none() {

@@ -1,6 +1,6 @@
 //! What the in-pod agents may do: read, watch and annotate their own
-//! cluster's server pods (by name), read and renew their listener Leases
-//! (by name) and publish Events. Nothing else.
+//! cluster's server pods (by name), read, watch and renew their listener
+//! Leases (by name) and publish Events. Nothing else.
 
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::ServiceAccount;
@@ -41,12 +41,14 @@ pub fn agent_role(ic: &IntegrationCluster, cluster: &ValidatedCluster) -> Role {
         // so an agent can never list the namespace's pods.
         by_name("", "pods", pods, &["get", "list", "watch", "patch"]),
         // Single-node listener Leases, by name: the operator creates them,
-        // the agents only read and replace them.
+        // the agents only read, watch (to see a release at once) and
+        // replace them. As with pods, a list or watch is granted only to
+        // a request that selects one of these names.
         by_name(
             "coordination.k8s.io",
             "leases",
             listener_leases(ic),
-            &["get", "update"],
+            &["get", "list", "watch", "update"],
         ),
         Some(PolicyRule {
             api_groups: Some(vec!["events.k8s.io".into()]),
@@ -132,6 +134,7 @@ mod tests {
             rules[1].resource_names.as_deref(),
             Some(&["c.listener.in".to_owned()][..])
         );
+        assert_eq!(rules[1].verbs, ["get", "list", "watch", "update"]);
         // No listeners and no nodes: no pod or lease rule at all (an empty
         // resourceNames would grant every object).
         let none = role("profile: generic\nmode: stateless\nimage: s\nreplicas: 0\n");

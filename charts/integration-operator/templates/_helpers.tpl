@@ -66,7 +66,7 @@ as manifests/rbac.yaml (a test compares them). */}}
   verbs: [get, list, watch, create, patch]
 - apiGroups: [coordination.k8s.io]
   resources: [leases]
-  verbs: [get, list, watch, create, patch, update]  # listener Leases: created empty; the agents' Role (get/update) is granted from here
+  verbs: [get, list, watch, create, patch, update]  # listener Leases: created empty; the agents' Role (get/list/watch/update) is granted from here
 - apiGroups: [events.k8s.io]
   resources: [events]
   verbs: [create, patch]
