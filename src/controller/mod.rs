@@ -225,7 +225,7 @@ pub async fn run(
     // once, and the error backoff would never apply. What a person changes
     // (spec, annotations, labels, finalizers, deletion) still does.
     let (store, writer) = reflector::store();
-    let clusters = watcher(api_for(watches.clone(), &scope), any())
+    let clusters = watcher(api_for(watches.clone(), &scope), paged())
         .default_backoff()
         .modify(stores::slim)
         .reflect(writer)
@@ -287,6 +287,18 @@ fn any() -> watcher::Config {
     watcher::Config::default().any_semantic()
 }
 
+/// For the watches whose lists grow with the number of clusters (the
+/// clusters, the pods and the rest of what they own): paged lists. A list
+/// at "any" resourceVersion is served from the API server's cache in one
+/// piece whatever the page size, and a restarted operator held all of it
+/// at once, unslimmed, before the stores kept their slim copies.
+fn paged() -> watcher::Config {
+    watcher::Config::default().page_size(LIST_PAGE)
+}
+
+/// Objects per page of a paged list.
+const LIST_PAGE: u32 = 100;
+
 /// Every Kubernetes node, and the changes of their schedulability.
 fn node_watch(
     watches: &Client,
@@ -311,7 +323,7 @@ fn owned_watches(
     watches: &Client,
     scope: &Scope,
 ) -> (stores::Stores, Controller<IntegrationCluster>) {
-    let owned = any().labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR));
+    let owned = paged().labels(&format!("{}={}", labels::MANAGED_BY, labels::OPERATOR));
     let watch = |c: &watcher::Config| (watches, scope, c.clone());
     let (pods, pod_changes) = cached::<Pod>(watch(&owned), stores::slim_pod);
     let (claims, claim_changes) = cached::<PersistentVolumeClaim>(watch(&owned), stores::slim);
