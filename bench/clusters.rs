@@ -65,7 +65,7 @@ struct Args {
     #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u32).range(1..))]
     clusters: u32,
     /// Single-cluster trials per system.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u32).range(1..))]
     trials: u32,
     /// Creates in flight at once in the bulk run.
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..))]
