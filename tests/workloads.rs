@@ -340,7 +340,7 @@ async fn a_node_that_never_becomes_ready_stalls_the_rollout() {
         .expect("Stalled");
     assert_eq!(reason.reason, "NodeNotReady");
     assert!(
-        reason.message.contains("is not Ready"),
+        reason.message.contains("has not been Ready since"),
         "{}",
         reason.message
     );
