@@ -155,12 +155,13 @@ pub async fn ensure_agent_access(
 
 /// Runs every write to the end (a write given up half way may or may not
 /// have happened), then reports the first failure, if any.
-async fn all_of(writes: Vec<Ensuring<'_>>) -> Result<Vec<&'static str>, Failure> {
-    let mut changed = Vec::new();
-    for result in futures::future::join_all(writes).await {
-        changed.extend(result?);
-    }
-    Ok(changed)
+async fn all_of<T>(
+    writes: impl IntoIterator<Item = impl std::future::Future<Output = Result<T, Failure>>>,
+) -> Result<Vec<T>, Failure> {
+    futures::future::join_all(writes)
+        .await
+        .into_iter()
+        .collect()
 }
 
 /// The objects the servers share: the agent's ServiceAccount, the
@@ -229,7 +230,7 @@ pub async fn ensure_shared(
             writes.push(ensuring(what, sets(), &stores.sets, set));
         }
     }
-    let changed = all_of(writes).await?;
+    let changed: Vec<&str> = all_of(writes).await?.into_iter().flatten().collect();
     if !changed.is_empty() {
         info!(cluster = %ic.name_any(), ?changed, "applied shared objects");
     }
@@ -299,19 +300,17 @@ async fn deleted(ctx: &Context, ic: &IntegrationCluster, node: &str, departure: 
     publish_about(ctx, ic, EventType::Normal, reason, note, Some(pod)).await;
 }
 
-/// Carries out `actions` in order; the first failure stops the rest (the
-/// next reconcile plans again from what then exists). Creations and online
-/// gates that follow each other are independent of each other and go out
-/// at once: a new cluster's pods are created in one round trip, not three.
+/// Carries out `actions` in order. Creations and online gates that follow
+/// each other are independent and go out at once (a new cluster's pods are
+/// created in one round trip, not three); a failure stops the actions
+/// after its batch, and the next reconcile plans again from what exists.
 pub async fn execute(
     ctx: &Context,
     ic: &IntegrationCluster,
     actions: &[Action],
 ) -> Result<(), Failure> {
     for batch in actions.chunk_by(at_once) {
-        // Each to its end, as in `all_of`.
-        let done = futures::future::join_all(batch.iter().map(|a| carry_out(ctx, ic, a))).await;
-        done.into_iter().collect::<Result<Vec<()>, _>>()?;
+        all_of(batch.iter().map(|a| carry_out(ctx, ic, a))).await?;
     }
     Ok(())
 }

@@ -56,11 +56,7 @@ pub fn stored<K>(store: &Store<K>, desired: &K) -> Option<Arc<K>>
 where
     K: Resource<DynamicType = ()> + Clone + 'static,
 {
-    let mut key = ObjectRef::new(&desired.name_any());
-    if let Some(namespace) = desired.meta().namespace.as_deref() {
-        key = key.within(namespace);
-    }
-    store.get(&key)
+    store.get(&ObjectRef::from_obj(desired))
 }
 
 /// Drops what no reconcile reads and what can be most of an object's
