@@ -42,7 +42,10 @@ use kube::api::{Api, DeleteParams, ListParams, PostParams};
 use kube::{Client, ResourceExt};
 use serde_json::{Value, json};
 
-use plane::{client_for, create_namespace, install_crd, state_dir, wait_for};
+use plane::{
+    admin_kubeconfig, client_for, create_namespace, install_crd, operator_binary, state_dir,
+    wait_for,
+};
 use stats::{duration_cell, median_p95_of, mib_cell, ratio_cell};
 
 const REPLICAS: i32 = 3;
@@ -879,25 +882,8 @@ async fn kwok_nodes(client: &Client) -> usize {
 
 async fn run(args: Args) -> Result<(Settings, Result<Latency>, Result<Bulk>)> {
     let state = state_dir()?;
-    let kubeconfig = state.join("kubeconfig");
-    if !kubeconfig.exists() {
-        bail!(
-            "no control plane: {} is missing; start it with hack/control-plane/up (hack/bench does)",
-            kubeconfig.display()
-        );
-    }
-    let exe = std::env::current_exe().context("find the bench's own executable")?;
-    let operator_bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("integration-operator"))
-        .ok_or_else(|| anyhow!("{} has no grandparent directory", exe.display()))?;
-    if !operator_bin.exists() {
-        bail!(
-            "{} is missing: cargo build --release --bin integration-operator --example clusters",
-            operator_bin.display()
-        );
-    }
+    let kubeconfig = admin_kubeconfig(&state)?;
+    let operator_bin = operator_binary("clusters")?;
     // Another operator (make demo's) would reconcile the same clusters.
     if let Ok(pid) = std::fs::read_to_string(state.join("pids/operator.pid"))
         && Path::new(&format!("/proc/{}", pid.trim())).exists()

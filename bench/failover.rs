@@ -42,7 +42,10 @@ mod plane;
 #[path = "stats.rs"]
 mod stats;
 
-use plane::{SETUP_TIMEOUT, client_for, create_namespace, install_crd, state_dir, wait_for};
+use plane::{
+    SETUP_TIMEOUT, admin_kubeconfig, client_for, create_namespace, install_crd, operator_binary,
+    state_dir, wait_for,
+};
 use stats::median_p95;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -969,26 +972,8 @@ fn peer_path(arg: Option<PathBuf>) -> Result<PathBuf> {
 
 async fn setup(args: Args) -> Result<Bench> {
     let state = state_dir()?;
-    let kubeconfig = state.join("kubeconfig");
-    if !kubeconfig.exists() {
-        bail!(
-            "no control plane: {} is missing; start it with hack/control-plane/up (hack/bench does)",
-            kubeconfig.display()
-        );
-    }
-    let exe = std::env::current_exe().context("find the bench's own executable")?;
-    let operator_bin = exe
-        .parent()
-        .and_then(Path::parent)
-        .map(|dir| dir.join("integration-operator"))
-        .ok_or_else(|| anyhow!("{} has no grandparent directory", exe.display()))?;
-    if !operator_bin.exists() {
-        bail!(
-            "{} is missing: build it with this example's profile, \
-             e.g. cargo build --release --bin integration-operator --example failover",
-            operator_bin.display()
-        );
-    }
+    let kubeconfig = admin_kubeconfig(&state)?;
+    let operator_bin = operator_binary("failover")?;
     let peer_bin = peer_path(args.peer)?;
     if !peer_bin.exists() {
         bail!(

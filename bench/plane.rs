@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use integration_operator::api::IntegrationCluster;
 use k8s_openapi::api::core::v1::Namespace;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -24,6 +24,36 @@ pub fn state_dir() -> Result<PathBuf> {
     let uid = Command::new("id").arg("-u").output().context("run id -u")?;
     let uid = String::from_utf8_lossy(&uid.stdout).trim().to_owned();
     Ok(std::env::temp_dir().join(format!("integration-operator-{uid}")))
+}
+
+/// The admin kubeconfig of a running control plane in `state`.
+pub fn admin_kubeconfig(state: &Path) -> Result<PathBuf> {
+    let kubeconfig = state.join("kubeconfig");
+    if !kubeconfig.exists() {
+        bail!(
+            "no control plane: {} is missing; start it with hack/control-plane/up (hack/bench does)",
+            kubeconfig.display()
+        );
+    }
+    Ok(kubeconfig)
+}
+
+/// The operator binary built beside this bench example (same profile).
+pub fn operator_binary(example: &str) -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("find the bench's own executable")?;
+    let operator_bin = exe
+        .parent()
+        .and_then(Path::parent)
+        .map(|dir| dir.join("integration-operator"))
+        .ok_or_else(|| anyhow!("{} has no grandparent directory", exe.display()))?;
+    if !operator_bin.exists() {
+        bail!(
+            "{} is missing: build it with this example's profile, \
+             e.g. cargo build --release --bin integration-operator --example {example}",
+            operator_bin.display()
+        );
+    }
+    Ok(operator_bin)
 }
 
 pub fn repo_path(relative: &str) -> PathBuf {
