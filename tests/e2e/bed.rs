@@ -166,29 +166,73 @@ fn install() {
         "--values",
         values.to_str().unwrap_or_default(),
     ]);
-    kubectl(&[
+    let operator = format!("{RELEASE}-integration-operator");
+    rolled_out(OPERATOR_NS, &operator, "180s").unwrap_or_else(|why| panic!("{why}"));
+    // The package server is the test bed's, not the product's: one stuck
+    // start is retried from scratch, and the run shows what the first saw.
+    if let Err(why) = rolled_out(NS, "packages", "120s") {
+        println!("RETRY the package server, once:\n{why}");
+        kubectl(&["delete", "-n", NS, "deployment/packages", "--wait=true"]);
+        apply(&package_server());
+        rolled_out(NS, "packages", "120s").unwrap_or_else(|why| panic!("{why}"));
+    }
+}
+
+/// `kubectl rollout status` of a Deployment; when it times out, the error
+/// carries what a person would look at next: the workloads, the pods and
+/// the namespace's events (a failed pod create shows only there).
+fn rolled_out(ns: &str, deployment: &str, timeout: &str) -> Result<(), String> {
+    let status = kubectl_output(&[
         "rollout",
         "status",
         "-n",
-        OPERATOR_NS,
-        &format!("deployment/{RELEASE}-integration-operator"),
-        "--timeout=180s",
+        ns,
+        &format!("deployment/{deployment}"),
+        &format!("--timeout={timeout}"),
     ]);
-    kubectl(&[
-        "rollout",
-        "status",
-        "-n",
-        NS,
-        "deployment/packages",
-        "--timeout=120s",
-    ]);
+    if status.status.success() {
+        return Ok(());
+    }
+    let show = |args: &[&str]| {
+        let out = kubectl_output(args);
+        format!(
+            "$ kubectl {}\n{}{}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    Err(format!(
+        "deployment {ns}/{deployment} not rolled out within {timeout}: {}\n{}\n{}\n{}",
+        String::from_utf8_lossy(&status.stderr),
+        show(&[
+            "get",
+            "deployments,replicasets,pods",
+            "-n",
+            ns,
+            "-o",
+            "wide"
+        ]),
+        show(&["get", "events", "-n", ns, "--sort-by=.lastTimestamp"]),
+        show(&["describe", "pods", "-n", ns]),
+    ))
 }
 
 /// The stand-in image in file-server mode: the init containers download
-/// the package zip from it by its Service's cluster DNS name.
+/// the package zip from it by its Service's cluster DNS name. It runs under
+/// its own ServiceAccount, applied with it: the namespace's `default` one
+/// comes from the controller-manager some time after the namespace, a pod
+/// created before it is refused, and the ReplicaSet retries on a doubling
+/// backoff. That is one way the rollout can time out, as it once did in CI
+/// with nothing more said; `rolled_out` now says what happened.
 fn package_server() -> String {
     format!(
-        r#"apiVersion: apps/v1
+        r#"apiVersion: v1
+kind: ServiceAccount
+metadata: {{name: packages, namespace: {NS}}}
+automountServiceAccountToken: false
+---
+apiVersion: apps/v1
 kind: Deployment
 metadata: {{name: packages, namespace: {NS}}}
 spec:
@@ -199,6 +243,7 @@ spec:
     spec:
       nodeSelector: {{type: real}}
       tolerations: [{{key: test-bed/real-node, operator: Exists, effect: NoSchedule}}]
+      serviceAccountName: packages
       automountServiceAccountToken: false
       securityContext: {{runAsNonRoot: true, runAsUser: 65532}}
       containers:
