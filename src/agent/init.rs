@@ -285,7 +285,7 @@ async fn download(name: &str, url: &str, limits: &Limits) -> Result<Vec<u8>, Ini
 async fn get(first: url::Url, limits: &Limits, secrets: &mut Secrets) -> Result<Vec<u8>, Failure> {
     use http_body_util::Empty;
     use hyper::body::Bytes;
-    use hyper::header::{AUTHORIZATION, CONTENT_LENGTH, LOCATION};
+    use hyper::header::{AUTHORIZATION, LOCATION};
     use hyper_util::client::legacy::Client;
     use hyper_util::rt::TokioExecutor;
 
@@ -331,72 +331,90 @@ async fn get(first: url::Url, limits: &Limits, secrets: &mut Secrets) -> Result<
         if status.is_redirection()
             && let Some(location) = location
         {
-            let location = location.to_str().map_err(|_| {
-                fail(format!(
-                    "answered {status} with a Location that is not text"
-                ))
-            })?;
-            let next = current
-                .join(location)
-                .map_err(|e| fail(format!("answered {status} with an invalid Location: {e}")))?;
-            match (current.scheme(), next.scheme()) {
-                (_, "https") | ("http", "http") => {}
-                ("https", "http") => {
-                    return Err(fail(format!(
-                        "answered {status} with a redirect from https to http, which is refused"
-                    )));
-                }
-                (_, other) => {
-                    return Err(fail(format!(
-                        "answered {status} with a redirect to a {other} URL, which is refused"
-                    )));
-                }
-            }
+            let next = redirect_target(&current, status, location).map_err(fail)?;
             secrets.learn(&next);
             current = next;
             continue;
         }
-        if !status.is_success() {
-            let body = read_body(response.into_body(), EXCERPT_BYTES as u64)
-                .await
-                .ok()
-                .map(|b| {
-                    String::from_utf8_lossy(&b.bytes)
-                        .chars()
-                        .take(EXCERPT_CHARS)
-                        .collect::<String>()
-                })
-                .unwrap_or_default();
-            return Err(fail(format!("answered {status}: {}", body.trim())));
-        }
-        let announced = response
-            .headers()
-            .get(CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let over = |what: String| {
-            fail(format!(
-                "{what} exceeds the {} limit for one archive",
-                size(limits.archive_bytes)
-            ))
-        };
-        if let Some(length) = announced
-            && length > limits.archive_bytes
-        {
-            return Err(over(format!("the announced {length} bytes")));
-        }
-        let body = read_body(response.into_body(), limits.archive_bytes)
-            .await
-            .map_err(|e| fail(causes(&e)))?;
-        if body.cut {
-            return Err(over("the body".to_owned()));
-        }
-        return Ok(body.bytes);
+        return archive(response, limits).await.map_err(fail);
     }
     Err(Failure {
         at: shown(&current),
         message: format!("more than {} redirects", limits.redirects),
     })
+}
+
+/// Where a redirect leads: `location` resolved against `current`; refused
+/// when it is not text, not a URL, or leaves https (or http) for a scheme
+/// the download must not follow.
+fn redirect_target(
+    current: &url::Url,
+    status: hyper::StatusCode,
+    location: &hyper::header::HeaderValue,
+) -> Result<url::Url, String> {
+    let location = location
+        .to_str()
+        .map_err(|_| format!("answered {status} with a Location that is not text"))?;
+    let next = current
+        .join(location)
+        .map_err(|e| format!("answered {status} with an invalid Location: {e}"))?;
+    match (current.scheme(), next.scheme()) {
+        (_, "https") | ("http", "http") => Ok(next),
+        ("https", "http") => Err(format!(
+            "answered {status} with a redirect from https to http, which is refused"
+        )),
+        (_, other) => Err(format!(
+            "answered {status} with a redirect to a {other} URL, which is refused"
+        )),
+    }
+}
+
+/// The archive in a final answer: refused when the answer is not a
+/// success (with an excerpt of what it said) or when it announces or
+/// sends more than one archive may hold.
+async fn archive(
+    response: hyper::Response<hyper::body::Incoming>,
+    limits: &Limits,
+) -> Result<Vec<u8>, String> {
+    use hyper::header::CONTENT_LENGTH;
+
+    let status = response.status();
+    if !status.is_success() {
+        let body = read_body(response.into_body(), EXCERPT_BYTES as u64)
+            .await
+            .ok()
+            .map(|b| {
+                String::from_utf8_lossy(&b.bytes)
+                    .chars()
+                    .take(EXCERPT_CHARS)
+                    .collect::<String>()
+            })
+            .unwrap_or_default();
+        return Err(format!("answered {status}: {}", body.trim()));
+    }
+    let announced = response
+        .headers()
+        .get(CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let over = |what: String| {
+        format!(
+            "{what} exceeds the {} limit for one archive",
+            size(limits.archive_bytes)
+        )
+    };
+    if let Some(length) = announced
+        && length > limits.archive_bytes
+    {
+        return Err(over(format!("the announced {length} bytes")));
+    }
+    let body = read_body(response.into_body(), limits.archive_bytes)
+        .await
+        .map_err(|e| causes(&e))?;
+    if body.cut {
+        return Err(over("the body".to_owned()));
+    }
+    Ok(body.bytes)
 }
 
 /// A body read up to a limit.
@@ -1016,6 +1034,36 @@ mod tests {
             }
         })
         .await
+    }
+
+    #[test]
+    fn a_redirect_may_not_leave_https_or_go_to_another_scheme() {
+        let url = |u: &str| url::Url::parse(u).expect("url");
+        let found = hyper::StatusCode::FOUND;
+        let to = |from: &str, location: &[u8]| {
+            let location = hyper::header::HeaderValue::from_bytes(location).expect("header");
+            redirect_target(&url(from), found, &location)
+        };
+        assert_eq!(
+            to("http://a/p/x.zip", b"y.zip").expect("relative"),
+            url("http://a/p/y.zip")
+        );
+        assert_eq!(
+            to("http://a/x.zip", b"https://b/x.zip").expect("up to https"),
+            url("https://b/x.zip")
+        );
+        let refused = to("https://a/x.zip", b"http://a/x.zip").expect_err("down to http");
+        assert!(
+            refused.contains("from https to http, which is refused"),
+            "{refused}"
+        );
+        let refused = to("http://a/x.zip", b"file:///etc/passwd").expect_err("file");
+        assert!(
+            refused.contains("to a file URL, which is refused"),
+            "{refused}"
+        );
+        let refused = to("http://a/x.zip", b"\xff").expect_err("not text");
+        assert!(refused.contains("Location that is not text"), "{refused}");
     }
 
     #[tokio::test]
